@@ -1,0 +1,3 @@
+import sys
+from jaxgpt.cli import main
+sys.exit(main())

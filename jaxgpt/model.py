@@ -1,0 +1,249 @@
+"""GPT-2 architecture in Flax NNX, with an explicit KV cache in and out of the forward pass.
+
+Shapes in names: B batch, T new tokens, S cache length, D n_embd, H heads, K head dim,
+L layers, V real vocabulary, Vp padded vocabulary, C classes.
+
+Layout decisions:
+- Every block parameter is stacked on a leading layer axis (`Blocks`). Training runs the layers
+  under `jax.lax.scan`: on XLA:CPU an unrolled Python loop makes the backward pass accumulate the
+  residual-stream cotangents in fusions whose size grows with depth (quadratic work), and scan
+  also halves compile time. With a KV cache (inference, no backward) the layers are unrolled
+  instead, so each layer's cache buffer is updated in place and weights are read without
+  dynamic slicing.
+- Weight matrices are stored (in, out) with q, k, v fused in one (D, 3D) projection: the same
+  layout as OpenAI/HF GPT-2 `Conv1D`, so their checkpoints load with no transposes.
+- The embedding table is padded to a multiple of 64 rows (tiling), but logits are returned for
+  the real vocabulary only, so a padded id can never be predicted or sampled.
+- Params are float32; `dtype` is the compute dtype (bfloat16 for mixed precision). LayerNorm,
+  softmax and the logits are always computed in float32.
+
+The KV cache (see `init_cache`) is a plain pytree:
+    {"k": [L x (B, S, H, K)], "v": [L x (B, S, H, K)], "length": (B,) int32}
+`length[b]` is the number of cache slots row b has filled. A call with a cache writes its T new
+keys/values at slots length[b] .. length[b]+T-1 of row b (each row at its own offset) and lets
+query t of row b attend to slots <= length[b]+t. Positions (for the position embedding) are
+passed separately, so they are the true token positions whatever a row's padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxgpt.config import ModelConfig
+
+LN_EPS = 1e-5
+_NEG = -1e30  # finite "minus infinity" for masked attention scores (no NaN on empty rows)
+
+
+def _normal(rngs: nnx.Rngs, std: float, shape) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
+
+
+def _zeros(shape) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, jnp.float32))
+
+
+def _ones(shape) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, jnp.float32))
+
+
+class Blocks(nnx.Module):
+    """The n_layer transformer blocks, each parameter stacked on a leading (L,) axis."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        L, D = cfg.n_layer, cfg.n_embd
+        std, proj_std = 0.02, 0.02 / math.sqrt(2 * L)  # GPT-2: scale residual projections
+        self.ln1_scale = _ones((L, D))
+        self.w_qkv = _normal(rngs, std, (L, D, 3 * D))
+        self.w_attn_out = _normal(rngs, proj_std, (L, D, D))
+        self.ln2_scale = _ones((L, D))
+        self.w_fc = _normal(rngs, std, (L, D, 4 * D))
+        self.w_mlp_out = _normal(rngs, proj_std, (L, 4 * D, D))
+        if cfg.bias:
+            self.ln1_bias = _zeros((L, D))
+            self.b_qkv = _zeros((L, 3 * D))
+            self.b_attn_out = _zeros((L, D))
+            self.ln2_bias = _zeros((L, D))
+            self.b_fc = _zeros((L, 4 * D))
+            self.b_mlp_out = _zeros((L, D))
+
+
+class GPT(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.cfg = cfg
+        self.dtype = jnp.dtype(dtype)
+        D = cfg.n_embd
+        self.wte = _normal(rngs, 0.02, (cfg.padded_vocab, D))  # tied with the LM head
+        self.wpe = _normal(rngs, 0.02, (cfg.block_size, D))
+        self.blocks = Blocks(cfg, rngs)
+        self.ln_f_scale = _ones((D,))
+        if cfg.bias:
+            self.ln_f_bias = _zeros((D,))
+        if cfg.n_classes:
+            # Fresh classification head on the last real token's hidden state (task=classify).
+            self.cls_w = _normal(rngs, 0.02, (D, cfg.n_classes))
+            self.cls_b = _zeros((cfg.n_classes,))
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, tokens_BxT, positions_BxT=None, cache=None, attn_mask_BxS=None, *,
+                 dropout_key=None, return_hidden=False):
+        """Returns (logits_BxTxV float32, cache) — or (hidden_BxTxD, cache) with return_hidden.
+
+        tokens_BxT: int ids. positions_BxT: true positions (default 0..T-1).
+        cache: None for a plain causal forward (training), else the pytree from `init_cache`;
+          the returned cache has the new keys/values written and length advanced by T.
+        attn_mask_BxS: optional bool, False for key slots that must never be attended
+          (S = T without a cache, the cache length with one); combined with causality.
+        dropout_key: a PRNG key turns dropout on (training); None means deterministic.
+        """
+        cfg, dt = self.cfg, self.dtype
+        B, T = tokens_BxT.shape
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        train = dropout_key is not None and cfg.dropout > 0
+
+        x_BxTxD = self.wte[...][tokens_BxT] + self.wpe[...][positions_BxT]
+        if train:
+            x_BxTxD = _dropout(x_BxTxD, cfg.dropout, jax.random.fold_in(dropout_key, 1 << 20))
+        x_BxTxD = x_BxTxD.astype(dt)
+        blocks = {k: v[...] for k, v in nnx.to_pure_dict(nnx.state(self.blocks)).items()}
+
+        if cache is None:
+            S = T
+            q_slot_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        else:
+            S = cache["k"][0].shape[1]
+            q_slot_BxT = cache["length"][:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        allowed_BxTxS = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= q_slot_BxT[:, :, None]
+        if attn_mask_BxS is not None:
+            allowed_BxTxS = allowed_BxTxS & attn_mask_BxS[:, None, :].astype(bool)
+
+        def layer(x_BxTxD, p, layer_key, kv_cache):
+            return _block(cfg, dt, p, x_BxTxD, allowed_BxTxS, layer_key, kv_cache,
+                          None if cache is None else cache["length"])
+
+        if cache is None:
+            # Scan over stacked layers (see module docstring for why).
+            def body(x, xs):
+                p, i = xs
+                key = jax.random.fold_in(dropout_key, i) if train else None
+                x, _ = layer(x, p, key, None)
+                return x, None
+            x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (blocks, jnp.arange(cfg.n_layer)))
+            new_cache = None
+        else:
+            ks, vs = list(cache["k"]), list(cache["v"])
+            for i in range(cfg.n_layer):
+                p = jax.tree.map(lambda a: a[i], blocks)
+                key = jax.random.fold_in(dropout_key, i) if train else None
+                x_BxTxD, (ks[i], vs[i]) = layer(x_BxTxD, p, key, (ks[i], vs[i]))
+            new_cache = {"k": ks, "v": vs, "length": cache["length"] + T}
+
+        h_BxTxD = _layer_norm(x_BxTxD, self.ln_f_scale[...], self._get("ln_f_bias")).astype(dt)
+        if return_hidden:
+            return h_BxTxD, new_cache
+        logits_BxTxVp = jnp.einsum("btd,vd->btv", h_BxTxD, self.wte[...].astype(dt),
+                                   preferred_element_type=jnp.float32)
+        return logits_BxTxVp[..., :cfg.vocab_size], new_cache
+
+    def classify(self, tokens_BxT, lengths_B, *, dropout_key=None):
+        """Class logits (B, C) from the hidden state of each row's last real token.
+
+        Rows are right-padded; lengths_B counts the real tokens (>= 1). Causal attention means
+        the padding after a row's last token cannot change that token's hidden state.
+        """
+        h_BxTxD, _ = self(tokens_BxT, dropout_key=dropout_key, return_hidden=True)
+        last_BxD = jnp.take_along_axis(h_BxTxD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+        if dropout_key is not None and self.cfg.dropout > 0:
+            last_BxD = _dropout(last_BxD, self.cfg.dropout, jax.random.fold_in(dropout_key, 1 << 21))
+        return (last_BxD.astype(jnp.float32) @ self.cls_w[...]) + self.cls_b[...]
+
+    def _get(self, name):
+        p = getattr(self, name, None)
+        return None if p is None else p[...]
+
+
+def _dropout(x, rate, key):
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _layer_norm(x, scale, bias):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS) * scale
+    return y + bias if bias is not None else y
+
+
+def _linear(x, w, b, dt):
+    y = jnp.einsum("...i,io->...o", x, w.astype(dt))
+    return y + b.astype(dt) if b is not None else y
+
+
+def _write_rows(cache_BxSxHxK, new_BxTxHxK, start_B):
+    """Write each row's T new entries at its own offset (in place once the cache is donated)."""
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (s, 0, 0)))(
+        cache_BxSxHxK, new_BxTxHxK.astype(cache_BxSxHxK.dtype), start_B)
+
+
+def _block(cfg: ModelConfig, dt, p, x_BxTxD, allowed_BxTxS, key, kv_cache, start_B):
+    B, T, D = x_BxTxD.shape
+    H, K = cfg.n_head, cfg.head_dim
+    train = key is not None
+    get = p.get
+
+    # --- causal self-attention
+    h = _layer_norm(x_BxTxD, p["ln1_scale"], get("ln1_bias")).astype(dt)
+    qkv_BxTx3D = _linear(h, p["w_qkv"], get("b_qkv"), dt)
+    q, k, v = (a.reshape(B, T, H, K) for a in jnp.split(qkv_BxTx3D, 3, axis=-1))
+    if kv_cache is not None:
+        k_cache, v_cache = _write_rows(kv_cache[0], k, start_B), _write_rows(kv_cache[1], v, start_B)
+        k, v = k_cache.astype(dt), v_cache.astype(dt)
+        kv_cache = (k_cache, v_cache)
+    scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32)
+    scores_BxHxTxS = jnp.where(allowed_BxTxS[:, None], scores_BxHxTxS / math.sqrt(K), _NEG)
+    probs = jax.nn.softmax(scores_BxHxTxS, axis=-1)
+    if train:
+        probs = _dropout(probs, cfg.dropout, jax.random.fold_in(key, 0))
+    y_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs.astype(dt), v)
+    y_BxTxD = _linear(y_BxTxHxK.reshape(B, T, D), p["w_attn_out"], get("b_attn_out"), dt)
+    if train:
+        y_BxTxD = _dropout(y_BxTxD, cfg.dropout, jax.random.fold_in(key, 1))
+    x_BxTxD = x_BxTxD + y_BxTxD
+
+    # --- MLP
+    h = _layer_norm(x_BxTxD, p["ln2_scale"], get("ln2_bias")).astype(dt)
+    h = jax.nn.gelu(_linear(h, p["w_fc"], get("b_fc"), dt), approximate=True)
+    y_BxTxD = _linear(h, p["w_mlp_out"], get("b_mlp_out"), dt)
+    if train:
+        y_BxTxD = _dropout(y_BxTxD, cfg.dropout, jax.random.fold_in(key, 2))
+    return x_BxTxD + y_BxTxD, kv_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype=jnp.float32):
+    """An empty KV cache for `batch` rows of `cache_len` slots (see the module docstring)."""
+    shape = (batch, cache_len, cfg.n_head, cfg.head_dim)
+    return {
+        "k": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
+        "v": [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)],
+        "length": jnp.zeros((batch,), jnp.int32),
+    }
+
+
+def create_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> GPT:
+    return GPT(cfg, rngs=nnx.Rngs(params=seed), dtype=dtype)
+
+
+def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> GPT:
+    """The model with ShapeDtypeStructs instead of arrays: a restore target that allocates nothing."""
+    return nnx.eval_shape(lambda: create_model(cfg, 0, dtype))
+
+
+def count_params(model: GPT, non_embedding: bool = True) -> int:
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return n - model.wpe[...].size if non_embedding else n
