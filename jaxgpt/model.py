@@ -245,5 +245,6 @@ def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> GPT:
 
 
 def count_params(model: GPT, non_embedding: bool = True) -> int:
-    n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    return n - model.wpe[...].size if non_embedding else n
+    sizes = {k: math.prod(v.shape) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    n = sum(sizes.values())
+    return n - sizes[("wpe",)] if non_embedding else n
