@@ -125,7 +125,7 @@ def train_step(state: dict, batch: dict, *, graphdef, tx, task: str, axis_name: 
     grads = jax.tree.map(lambda g: g / count, g_sum)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads)}
     if "correct" in extra:
         metrics["acc"] = extra["correct"] / count
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}

@@ -8,6 +8,7 @@ its own slice of the global batch (rows are split by `jax.process_index()`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -95,6 +96,7 @@ def run_training(cfg: Config, quiet: bool = False) -> dict:
     check_task(cfg.task, kind)
     n_classes = len(meta.get("labels") or []) if cfg.task == "classify" else 0
     cfg = replace_model(cfg, vocab_size=int(meta["vocab_size"]), n_classes=n_classes)
+    cfg.validate(n_global)  # fail fast, before anything is built (again below for init_from)
 
     # ---- resume, or start fresh
     latest = None
@@ -148,9 +150,7 @@ def run_training(cfg: Config, quiet: bool = False) -> dict:
         lo = jax.process_index() * (b.shape[0] // jax.process_count())
         return b[lo:lo + b.shape[0] // jax.process_count()]
 
-    p_step = jax.pmap(partial(train_step, graphdef=graphdef, tx=tx, task=cfg.task),
-                      axis_name=AXIS, donate_argnums=(0,))
-    p_eval = jax.pmap(partial(eval_step, graphdef=graphdef, task=cfg.task), axis_name=AXIS)
+    p_step, p_eval = compiled_steps(graphdef, _step_key(cfg))
 
     def run_eval(params_rep) -> dict:
         out = {}
@@ -277,6 +277,24 @@ def _report(p, bar, sched, peak, flops_tok, tokens_per_step) -> dict:
         post["mfu"] = f"{100 * row['mfu']:.1f}%"
     bar.set_postfix(post)
     return row
+
+
+def _step_key(cfg: Config) -> Config:
+    """The part of the config the compiled step depends on (the rest is host-side bookkeeping)."""
+    return dataclasses.replace(
+        cfg, data="", out="", init_from="", max_steps=cfg.total_decay_steps, decay_steps=0,
+        log_interval=1, eval_interval=1, eval_steps=1, save_interval=1, keep=1, resume="auto",
+        tensorboard=False, wandb=False, early_stop_patience=0)
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_steps(graphdef, cfg: Config):
+    """pmapped (train_step, eval_step), cached so runs in one process share compilations."""
+    tx = build_optimizer(cfg)
+    p_step = jax.pmap(partial(train_step, graphdef=graphdef, tx=tx, task=cfg.task),
+                      axis_name=AXIS, donate_argnums=(0,))
+    p_eval = jax.pmap(partial(eval_step, graphdef=graphdef, task=cfg.task), axis_name=AXIS)
+    return p_step, p_eval
 
 
 def create_model_abstract(cfg: Config):

@@ -1,0 +1,134 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxgpt.config import ModelConfig
+from jaxgpt.model import abstract_model, count_params, create_model, init_cache
+
+CFG = ModelConfig(vocab_size=100, block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+def _tokens(B=2, T=12, seed=0, V=100):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, V, (B, T)), jnp.int32)
+
+
+def test_causality_via_gradients():
+    """d logits[t] / d wpe[s] is exactly zero for every later position s > t, nonzero for s <= t."""
+    model = create_model(CFG, 0)
+    graphdef, params = nnx.split(model)
+    toks = _tokens(1, 10)
+
+    def out_at(p, t):
+        return nnx.merge(graphdef, p)(toks)[0][0, t].sum()
+
+    for t in (0, 4, 9):
+        g_wpe = np.asarray(jax.grad(out_at)(params, t)["wpe"][...])
+        row_norm = np.abs(g_wpe).sum(-1)
+        assert np.all(row_norm[t + 1:] == 0.0), f"position {t} sees the future"
+        assert np.all(row_norm[: t + 1] > 0.0), f"position {t} ignores its past"
+
+
+def test_cached_forward_equals_full_forward():
+    model = create_model(CFG, 1)
+    toks = _tokens(3, 12, seed=3)
+    full, _ = model(toks)
+    cache = init_cache(CFG, 3, 16)
+    first, cache = model(toks[:, :7], cache=cache)
+    steps = [first]
+    for t in range(7, 12):
+        lg, cache = model(toks[:, t:t + 1], jnp.full((3, 1), t), cache=cache)
+        steps.append(lg)
+    np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5)
+    assert cache["length"].tolist() == [12, 12, 12]
+
+
+def test_rows_write_at_their_own_offset():
+    """Two rows at different cache lengths decode exactly as each would alone."""
+    model = create_model(CFG, 2)
+    a, b = _tokens(1, 9, seed=5)[0], _tokens(1, 5, seed=6)[0]
+    cache = init_cache(CFG, 2, 16)
+    padded = jnp.stack([a[:8], jnp.concatenate([b[:4], jnp.zeros(4, jnp.int32)])])
+    _, cache = model(padded, cache=cache)
+    cache = dict(cache, length=jnp.array([8, 4], jnp.int32))
+    nxt = jnp.stack([a[8:9], b[4:5]])
+    lg, _ = model(nxt, jnp.array([[8], [4]]), cache=cache)
+    ref_a, _ = model(a[None, :9])
+    ref_b, _ = model(b[None, :5])
+    np.testing.assert_allclose(lg[0, 0], ref_a[0, 8], atol=1e-5)
+    np.testing.assert_allclose(lg[1, 0], ref_b[0, 4], atol=1e-5)
+
+
+def test_padded_vocab_is_never_predicted():
+    cfg = ModelConfig(vocab_size=70, block_size=16, n_layer=1, n_head=1, n_embd=16)
+    model = create_model(cfg, 0)
+    assert model.wte[...].shape[0] == 128  # padded to a multiple of 64
+    logits, _ = model(_tokens(1, 5, V=70))
+    assert logits.shape[-1] == 70
+
+
+def test_gpt2_initialisation_scales():
+    cfg = ModelConfig(vocab_size=256, block_size=64, n_layer=8, n_head=4, n_embd=256)
+    m = create_model(cfg, 0)
+    assert abs(float(jnp.std(m.blocks.w_qkv[...])) - 0.02) < 1e-3
+    assert abs(float(jnp.std(m.blocks.w_mlp_out[...])) - 0.02 / math.sqrt(16)) < 5e-4
+    assert float(jnp.abs(m.blocks.b_fc[...]).max()) == 0.0
+    assert float(m.blocks.ln1_scale[...].min()) == 1.0
+
+
+def test_bias_free_model_has_no_biases():
+    m = create_model(ModelConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8, bias=False))
+    names = {"/".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(m))}
+    assert not any("bias" in n or "/b_" in n for n in names), names
+
+
+def test_gpt2_124m_param_count_without_allocating():
+    cfg = ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    m = abstract_model(cfg)
+    # HF GPT-2 small has 124,439,808 params; the 47 padded embedding rows add 47 * 768.
+    assert count_params(m, non_embedding=False) == 124_439_808 + 47 * 768
+
+
+def test_jit_equals_no_jit_and_dropout_is_keyed():
+    cfg = ModelConfig(vocab_size=100, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.3)
+    model = create_model(cfg, 0)
+    graphdef, params = nnx.split(model)
+    toks = _tokens()
+    f = lambda p, k: nnx.merge(graphdef, p)(toks, dropout_key=k)[0]
+    eager = f(params, None)
+    np.testing.assert_allclose(jax.jit(f)(params, None), eager, atol=1e-5)
+    d1, d2 = jax.jit(f)(params, jax.random.key(1)), jax.jit(f)(params, jax.random.key(2))
+    assert not np.allclose(d1, eager) and not np.allclose(d1, d2)
+    np.testing.assert_array_equal(d1, jax.jit(f)(params, jax.random.key(1)))
+
+
+def test_bfloat16_compute_stays_close_and_params_stay_float32():
+    m32 = create_model(CFG, 0)
+    m16 = create_model(CFG, 0, dtype=jnp.bfloat16)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(m16)))
+    a, _ = m32(_tokens())
+    b, _ = m16(_tokens())
+    assert b.dtype == jnp.float32
+    assert float(jnp.abs(a - b).max()) < 0.1
+
+
+def test_classify_reads_the_last_real_token():
+    cfg = ModelConfig(vocab_size=100, block_size=16, n_layer=1, n_head=2, n_embd=16, n_classes=3)
+    m = create_model(cfg, 0)
+    toks = _tokens(1, 8)
+    padded_a = toks.at[0, 5:].set(0)
+    padded_b = toks.at[0, 5:].set(7)
+    la = m.classify(padded_a, jnp.array([5]))
+    lb = m.classify(padded_b, jnp.array([5]))
+    np.testing.assert_allclose(la, lb, atol=1e-6)  # padding after the last token is invisible
+    assert not np.allclose(la, m.classify(padded_a, jnp.array([4])))
+
+
+@pytest.mark.parametrize("bad", [dict(n_embd=30, n_head=4), dict(n_layer=0), dict(dropout=1.0)])
+def test_model_config_validation(bad):
+    from jaxgpt.errors import UserError
+    with pytest.raises(UserError):
+        ModelConfig(**{**CFG.__dict__, **bad}).validate()
