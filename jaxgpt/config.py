@@ -30,7 +30,7 @@ class ModelConfig:
     block_size: int = 128  # maximum context length (learned positions)
     n_layer: int = 4
     n_head: int = 4
-    n_embd: int = 192
+    n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
     n_classes: int = 0  # > 0 adds a classification head (task=classify)
@@ -71,7 +71,7 @@ class Config:
     task: str = "lm"  # lm | sft | classify
     batch_size: int = 16  # global batch, split over devices and grad_accum micro-steps
     grad_accum: int = 1
-    max_steps: int = 1500
+    max_steps: int = 1000
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_steps: int = 100
@@ -81,7 +81,7 @@ class Config:
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 disables clipping
     log_interval: int = 10
-    eval_interval: int = 250
+    eval_interval: int = 200
     eval_steps: int = 10
     save_interval: int = 500
     keep: int = 2
