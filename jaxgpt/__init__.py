@@ -1,6 +1,19 @@
-"""jaxgpt: a GPT in JAX/Flax NNX — pmapped training, Orbax checkpoints, cached batched generation."""
+"""jaxgpt: a GPT in JAX/Flax NNX — pmapped training, Orbax checkpoints, cached batched generation.
+
+Public API:
+    model, tokenizer = jaxgpt.load(ckpt_dir, step=None)
+    model, tokenizer = jaxgpt.load_hf(hf_dir)
+    jaxgpt.generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
+                    min_p=None, repetition_penalty=None, eos_id=None, seed=0, stream=False)
+    jaxgpt.logits(model, tokens_2d)           # full forward, (B, T, vocab)
+    jaxgpt.prefill(...), jaxgpt.decode(...)   # the two jitted generation building blocks
+"""
+
+from jaxgpt import _xla_flags  # noqa: F401  (process-wide CPU tuning, before jax starts)
 
 __version__ = "0.1.0"
+
+from jaxgpt.generation import decode, generate, logits, prefill  # noqa: E402
 
 
 def load(ckpt_dir: str, step: int | None = None):
@@ -10,3 +23,13 @@ def load(ckpt_dir: str, step: int | None = None):
 
     model, _cfg, meta = load_model(ckpt_dir, step)
     return model, get_tokenizer(meta["tokenizer"])
+
+
+def load_hf(hf_dir: str):
+    """Load a Hugging Face GPT-2 folder (config.json + model.safetensors): (model, tokenizer)."""
+    from jaxgpt.hf import load_hf as _load_hf
+
+    return _load_hf(hf_dir)
+
+
+__all__ = ["load", "load_hf", "generate", "logits", "prefill", "decode", "__version__"]

@@ -148,6 +148,22 @@ class Batcher:
                 "labels": self.ds.labels[ids].astype(np.int32), "weight": weight}
 
 
+def check_labels(train: Dataset, val: Dataset) -> None:
+    """Every val label must be a known class that training sees: a class absent from training
+    gets no gradient, so its val examples would only measure an untrained head. `prepare`
+    splits per label and cannot produce this; a hand-assembled data folder can."""
+    names = list(train.meta.get("labels") or [])
+    for ds in (train, val):
+        bad = ds.labels[(ds.labels < 0) | (ds.labels >= len(names))]
+        if bad.size:
+            raise UserError(f"corrupt {ds.split}_labels.npy: label index {int(bad[0])} is not in "
+                            f"meta.json's {len(names)} labels")
+    unseen = sorted(set(np.unique(val.labels).tolist()) - set(np.unique(train.labels).tolist()))
+    if unseen:
+        raise UserError(f"label {names[unseen[0]]!r} occurs in the val split but never in train; "
+                        "re-run `jaxgpt prepare` (it splits every label between train and val)")
+
+
 def check_task(task: str, kind: str) -> None:
     allowed = {"lm": ("stream", "documents", "sft"), "sft": ("sft",), "classify": ("classify",)}
     if kind not in allowed[task]:

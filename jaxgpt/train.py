@@ -117,9 +117,16 @@ def train_step(state: dict, batch: dict, *, graphdef, tx, task: str, axis_name: 
     extra0 = jax.tree.map(lambda _: jnp.zeros((), jnp.float32),
                           jax.eval_shape(lambda: loss_sums(graphdef, state["params"],
                                                            jax.tree.map(lambda x: x[0], batch), None)[2]))
-    (g_sum, loss_sum, count, extra), _ = jax.lax.scan(
-        micro, (zeros, jnp.zeros(()), jnp.zeros(()), extra0), (batch, jnp.arange(n_micro)))
-    if axis_name is not None:
+    init = (zeros, jnp.zeros(()), jnp.zeros(()), extra0)
+    if n_micro == 1:
+        # No loop for a single micro-batch: XLA:CPU copies loop-carried params and grads into
+        # and out of a while loop, even one with a single trip.
+        (g_sum, loss_sum, count, extra), _ = micro(
+            init, (jax.tree.map(lambda x: x[0], batch), jnp.zeros((), jnp.int32)))
+    else:
+        (g_sum, loss_sum, count, extra), _ = jax.lax.scan(micro, init, (batch, jnp.arange(n_micro)))
+    if axis_name is not None and jax.lax.axis_size(axis_name) > 1:
+        # (on one device the all-reduce would still copy every gradient)
         g_sum, loss_sum, count, extra = jax.lax.psum((g_sum, loss_sum, count, extra), axis_name)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, g_sum)

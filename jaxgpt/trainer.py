@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxgpt import checkpoint as ckpt
 from jaxgpt.config import Config
-from jaxgpt.data import Batcher, Dataset, check_task
+from jaxgpt.data import Batcher, Dataset, check_labels, check_task
 from jaxgpt.errors import UserError
 from jaxgpt.metrics import MetricsLogger, peak_flops
 from jaxgpt.model import count_params, create_model
@@ -94,6 +94,8 @@ def run_training(cfg: Config, quiet: bool = False) -> dict:
     meta = ensure_data(cfg)
     kind = meta.get("kind", "stream")
     check_task(cfg.task, kind)
+    if cfg.task == "classify":
+        check_labels(Dataset(cfg.data, "train", meta), Dataset(cfg.data, "val", meta))
     n_classes = len(meta.get("labels") or []) if cfg.task == "classify" else 0
     cfg = replace_model(cfg, vocab_size=int(meta["vocab_size"]), n_classes=n_classes)
     cfg.validate(n_global)  # fail fast, before anything is built (again below for init_from)
@@ -255,6 +257,8 @@ def run_training(cfg: Config, quiet: bool = False) -> dict:
         logger.close()
     if stop_reason and not quiet:
         print(stop_reason)
+    if not quiet and not interrupted and cfg.task == "lm":
+        _print_sample(graphdef, jax.tree.map(lambda x: x[0], state["params"]), tokenizer_name)
     if interrupted:
         print(f"interrupted at step {step}; checkpoint saved in {cfg.out} (resume=auto continues)")
         raise KeyboardInterrupt
@@ -277,6 +281,21 @@ def _report(p, bar, sched, peak, flops_tok, tokens_per_step) -> dict:
         post["mfu"] = f"{100 * row['mfu']:.1f}%"
     bar.set_postfix(post)
     return row
+
+
+def _print_sample(graphdef, params, tokenizer_name, n_tokens: int = 256) -> None:
+    """A sample from <|endoftext|> at the end of a run: the quickest check of what was learned."""
+    from jaxgpt.generation import generate
+    from jaxgpt.tokenizer import get_tokenizer
+
+    if tokenizer_name is None:
+        return
+    tok = get_tokenizer(tokenizer_name)
+    model = nnx.merge(graphdef, params)
+    out = generate(model, [[tok.eot_id]], n_tokens, temperature=0.8, top_k=40, seed=0)[0]
+    print("---- sample (temperature 0.8, top-k 40) ----")
+    print(tok.decode(out))
+    print("--------------------------------------------")
 
 
 def _step_key(cfg: Config) -> Config:

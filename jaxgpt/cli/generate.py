@@ -1,0 +1,164 @@
+"""`jaxgpt generate --ckpt DIR (--prompt TEXT ... | --prompt-file FILE) [sampling flags]`
+
+Prints each completion as text (prompt + completion, then a line of dashes), or with --json one
+JSON line per completion. --stream generates one row at a time and prints its tokens as each
+decode chunk lands; a row gets the same tokens as in a batch (same seed and row id).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import sys
+import time
+
+from jaxgpt.errors import UserError
+
+SEPARATOR = "-" * 40
+
+
+def add_parser(sub):
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("--ckpt", required=True, help="run folder holding the checkpoints")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="prompt text (repeatable; '' starts from <|endoftext|>)")
+    src.add_argument("--prompt-file", help="one prompt per line, or JSONL with a 'prompt' field")
+    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-at-eot", action="store_true", help="end a completion at <|endoftext|>")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come, one row at a time")
+    p.add_argument("--json", action="store_true", help="one JSON line per completion")
+    p.set_defaults(func=run)
+
+
+def check_args(args) -> None:
+    """Reject bad values before the (slow) checkpoint load, naming the flag."""
+    def bad(flag, need, got):
+        raise UserError(f"--{flag} must be {need}, got {got}")
+
+    if args.num_samples < 1:
+        bad("num-samples", ">= 1", args.num_samples)
+    if args.max_new_tokens < 1:
+        bad("max-new-tokens", ">= 1", args.max_new_tokens)
+    if not args.temperature >= 0:
+        bad("temperature", ">= 0 (0 = greedy)", args.temperature)
+    if args.top_k is not None and args.top_k < 1:
+        bad("top-k", ">= 1", args.top_k)
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        bad("top-p", "in (0, 1]", args.top_p)
+    if args.min_p is not None and not 0 <= args.min_p <= 1:
+        bad("min-p", "in [0, 1]", args.min_p)
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
+        bad("repetition-penalty", "> 0", args.repetition_penalty)
+    if args.seed < 0:
+        bad("seed", ">= 0", args.seed)
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """Prompts from a file: JSONL (a .jsonl file, or a first line that is a JSON object) with a
+    string field 'prompt' per line, else one prompt per non-blank line."""
+    if not os.path.isfile(path):
+        raise UserError(f"prompt file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"could not read prompt file {path}: {e}") from None
+    lines = [(i, ln) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+    if not lines:
+        raise UserError(f"prompt file {path} has no prompts")
+    if path.endswith(".jsonl") or _is_json_object(lines[0][1]):
+        prompts = []
+        for i, ln in lines:
+            try:
+                obj = json.loads(ln)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise UserError(f"{path}:{i}: expected a JSON object with a string field 'prompt'")
+            prompts.append(obj["prompt"])
+        return prompts
+    return [ln for _, ln in lines]
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def run(args) -> int:
+    check_args(args)
+    texts = read_prompt_file(args.prompt_file) if args.prompt_file else list(args.prompt)
+
+    from jaxgpt.checkpoint import load_model
+    from jaxgpt.generation import generate
+    from jaxgpt.tokenizer import get_tokenizer
+
+    model, _, meta = load_model(args.ckpt, step=args.step)
+    if "tokenizer" not in meta:
+        raise UserError(f"checkpoint {args.ckpt} does not name its tokenizer")
+    tok = get_tokenizer(meta["tokenizer"])
+    block = model.cfg.block_size
+    encoded = []
+    for i, t in enumerate(texts):
+        ids = tok.encode(t) or [tok.eot_id]  # an empty prompt starts a fresh document
+        if len(ids) > block:
+            print(f"note: prompt {i} has {len(ids)} tokens; generation sees the last {block}",
+                  file=sys.stderr)
+        encoded.append(ids)
+    # --num-samples repeats each prompt; rows differ through their row id (per-row RNG).
+    rows = [(p, s) for p in range(len(texts)) for s in range(args.num_samples)]
+    prompts = [encoded[p] for p, _ in rows]
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+              repetition_penalty=args.repetition_penalty, seed=args.seed,
+              eos_id=tok.eot_id if args.stop_at_eot else None)
+
+    def emit(r, new, seconds):
+        p, s = rows[r]
+        shown = new[:-1] if args.stop_at_eot and new and new[-1] == tok.eot_id else new
+        if args.json:
+            print(json.dumps({"prompt": texts[p], "sample": s, "completion": tok.decode(shown),
+                              "prompt_tokens": len(prompts[r]), "new_tokens": len(new),
+                              "seconds": round(seconds, 4)}), flush=True)
+        elif not args.stream:
+            print(texts[p] + tok.decode(shown))
+            print(SEPARATOR, flush=True)
+
+    if not args.stream:
+        t0 = time.perf_counter()
+        out = generate(model, prompts, args.max_new_tokens, **kw)
+        seconds = time.perf_counter() - t0  # rows generated together share the wall time
+        for r, new in enumerate(out):
+            emit(r, new, seconds)
+        return 0
+
+    for r in range(len(rows)):
+        t0 = time.perf_counter()
+        new = []
+        text_out = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        if not args.json:
+            print(texts[rows[r][0]], end="", flush=True)
+        # Half the default chunk: updates every ~0.5 s at ~30 ms per token.
+        for piece in generate(model, [prompts[r]], args.max_new_tokens, stream=True, row_ids=[r],
+                              chunk=16, **kw):
+            new.extend(piece[0])
+            if not args.json:
+                shown = [t for t in piece[0] if not (args.stop_at_eot and t == tok.eot_id)]
+                # Bytes, not text: a multi-byte character can straddle two chunks.
+                print(text_out.decode(tok.decode_bytes(shown)), end="", flush=True)
+        if args.json:
+            emit(r, new, time.perf_counter() - t0)
+        else:
+            print(text_out.decode(b"", final=True))
+            print(SEPARATOR, flush=True)
+    return 0

@@ -1,0 +1,143 @@
+"""Per-row sampling: repetition penalty, temperature, top-k, top-p, min-p, greedy.
+
+Shapes in names: B rows, V real vocabulary.
+
+Every knob is a (B,) array, so one compiled program serves a batch whose rows ask for different
+settings. Which filters exist in the program at all is static (`SamplingFlags`): a top-p filter
+costs a sort over the vocabulary per step, so a batch where no row asks for it must not pay for it.
+A row opts out of a filter that is compiled in with its neutral value:
+    temperature 0 -> greedy (argmax of the penalised logits; the filters never drop the argmax)
+    top_k 0 -> no top-k, top_p 1 -> no top-p, min_p 0 -> no min-p, repetition_penalty 1 -> none.
+
+Order (documented because it changes the result): repetition penalty on the raw logits, then
+temperature, then top-k, top-p and min-p on the tempered distribution. Every filter keeps the
+tokens whose tempered logit is >= a per-row threshold, so tied logits are kept or dropped
+together and the kept support is a pure function of the logits (the property tests rely on it).
+
+Randomness: a row's key is fold_in(fold_in(key, row_id), step), where row_id is the row's index
+in the caller's prompt list and step counts that row's generated tokens. So a row's samples do
+not depend on which other rows share its batch, on the batch bucket, or on the decode chunking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingFlags:
+    """What is compiled in (static: hashable, part of the jit cache key).
+
+    sample: some row has temperature > 0 (else every row is greedy: no random draw at all).
+    """
+    sample: bool = True
+    top_k: bool = False
+    top_p: bool = False
+    min_p: bool = False
+    repetition_penalty: bool = False
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-row knobs, each (B,). Neutral values switch a compiled-in filter off for a row."""
+    temperature_B: jax.Array  # float32; 0 = greedy
+    top_k_B: jax.Array  # int32; 0 = off
+    top_p_B: jax.Array  # float32; 1 = off
+    min_p_B: jax.Array  # float32; 0 = off
+    repetition_penalty_B: jax.Array  # float32; 1 = off
+
+    @staticmethod
+    def make(batch: int, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0):
+        """Broadcast scalars or (B,) sequences to (B,) arrays (values are assumed validated)."""
+        def arr(v, dt):
+            return jnp.broadcast_to(jnp.asarray(v, dt), (batch,))
+        return SamplingParams(arr(temperature, jnp.float32), arr(top_k, jnp.int32),
+                              arr(top_p, jnp.float32), arr(min_p, jnp.float32),
+                              arr(repetition_penalty, jnp.float32))
+
+
+def apply_repetition_penalty(logits_BxV, presence_BxV, penalty_B):
+    """CTRL-style: a seen token's positive logit is divided by the penalty, a negative one multiplied.
+
+    presence_BxV is True for the tokens in the row's prompt and its generated tokens so far.
+    """
+    r = penalty_B[:, None]
+    penalised = jnp.where(logits_BxV > 0, logits_BxV / r, logits_BxV * r)
+    return jnp.where(presence_BxV, penalised, logits_BxV)
+
+
+def filter_logits(x_BxV, params: SamplingParams, flags: SamplingFlags):
+    """Tempered logits with the dropped tokens set to -inf (top-k, then top-p, then min-p).
+
+    x_BxV must already be divided by the temperature. Ties at a threshold are all kept.
+    """
+    B, V = x_BxV.shape
+    if flags.top_k or flags.top_p:
+        # One descending sort serves both filters: the k-th largest value and the nucleus edge.
+        sorted_BxV = -jnp.sort(-x_BxV, axis=-1)
+    if flags.top_k:
+        k_B = params.top_k_B
+        kth_B = jnp.take_along_axis(sorted_BxV, jnp.clip(k_B - 1, 0, V - 1)[:, None], axis=-1)[:, 0]
+        kth_B = jnp.where(k_B > 0, kth_B, _NEG_INF)
+        x_BxV = jnp.where(x_BxV >= kth_B[:, None], x_BxV, _NEG_INF)
+        if flags.top_p:
+            sorted_BxV = jnp.where(sorted_BxV >= kth_B[:, None], sorted_BxV, _NEG_INF)
+    if flags.top_p:
+        # Nucleus: the smallest prefix of the sorted distribution whose mass reaches p; a token
+        # is in it when the mass strictly before it is < p (so the top token always is).
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+        p_B = params.top_p_B
+        keep_BxV = (before_BxV < p_B[:, None]) | (p_B[:, None] >= 1.0)
+        n_keep_B = jnp.maximum(keep_BxV.sum(-1), 1)
+        edge_B = jnp.take_along_axis(sorted_BxV, (n_keep_B - 1)[:, None], axis=-1)[:, 0]
+        x_BxV = jnp.where(x_BxV >= edge_B[:, None], x_BxV, _NEG_INF)
+    if flags.min_p:
+        # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p): no softmax needed, and the
+        # test is exact in the logit domain (min_p = 0 gives log 0 = -inf: keep everything).
+        x_max_B = jnp.max(x_BxV, axis=-1)
+        floor_B = x_max_B + jnp.log(params.min_p_B)
+        x_BxV = jnp.where(x_BxV >= floor_B[:, None], x_BxV, _NEG_INF)
+    return x_BxV
+
+
+def sample(logits_BxV, params: SamplingParams, flags: SamplingFlags, key, row_id_B, step_B,
+           presence_BxV=None):
+    """One token per row (int32, (B,)). Greedy rows (temperature 0) take the argmax.
+
+    key: one PRNG key for the whole generation; row_id_B, step_B: see the module docstring.
+    presence_BxV: required when flags.repetition_penalty.
+    """
+    x_BxV = logits_BxV.astype(jnp.float32)
+    if flags.repetition_penalty:
+        x_BxV = apply_repetition_penalty(x_BxV, presence_BxV, params.repetition_penalty_B)
+    greedy_B = jnp.argmax(x_BxV, axis=-1).astype(jnp.int32)
+    if not flags.sample:
+        return greedy_B
+    t_B = params.temperature_B
+    safe_t_B = jnp.where(t_B > 0, t_B, 1.0)
+    x_BxV = filter_logits(x_BxV / safe_t_B[:, None], params, flags)
+    sampled_B = jax.vmap(functools.partial(_draw, key))(row_id_B, step_B, x_BxV)
+    return jnp.where(t_B > 0, sampled_B, greedy_B)
+
+
+def _draw(key, row_id, step, x_V):
+    """One token from softmax(x_V) by inverting the CDF with a single uniform draw.
+
+    Gumbel-max (`jax.random.categorical`) needs V random numbers per row per step; at a 50k
+    vocabulary generating them costs more than the rest of the sampling. Inverse-CDF needs
+    one: with u in (0, 1], the first index whose cumulative mass reaches u * total always has
+    nonzero probability, so a dropped (-inf) token can never be drawn.
+    """
+    u = 1.0 - jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, row_id), step))
+    probs_V = jax.nn.softmax(x_V)
+    cdf_V = jnp.cumsum(probs_V)
+    idx = jnp.sum(cdf_V < u * cdf_V[-1]).astype(jnp.int32)
+    return jnp.minimum(idx, x_V.shape[-1] - 1)
