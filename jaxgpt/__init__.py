@@ -9,7 +9,7 @@ Public API:
     jaxgpt.prefill(...), jaxgpt.decode(...)   # the two jitted generation building blocks
 """
 
-from jaxgpt import _xla_flags  # noqa: F401  (process-wide CPU tuning, before jax starts)
+from jaxgpt import _cpu_tuning  # noqa: F401  (process-wide CPU tuning, before jax starts)
 
 __version__ = "0.1.0"
 

@@ -8,7 +8,9 @@ Batch dicts (numpy, global batch B, block size T):
              predicting tokens[b, t+1]; 0 on padding (and on the prompt for sft).
   classify:  tokens (B, T) int32, lengths (B,) int32, labels (B,) int32, weight (B,) float32.
 Documents are right-padded with the end-of-text id. Right padding is safe under causal attention:
-a real token never attends to the padding after it.
+a real token never attends to the padding after it. For task=lm on {"text"} documents a row is
+BOS + text + EOS, both being the end-of-text id, so the first token is learned too and generation
+from the empty prompt (which `generate` turns into end-of-text) starts a document.
 """
 
 from __future__ import annotations
@@ -122,8 +124,11 @@ class Batcher:
         toks = np.full((self.B, self.T + 1), self.ds.eot, np.int32)
         mask = np.zeros((self.B, self.T), np.float32)
         rng = _rng(self.seed, self.ds.split, step, 1)
+        bos = self.task == "lm" and self.ds.kind == "documents"
         for r, i in enumerate(ids):
             d = self.ds.doc(i)
+            if bos:
+                d = np.concatenate([np.array([self.ds.eot], np.int32), d])
             first = 0  # first target index that counts
             if self.task == "sft":
                 over = max(0, len(d) - (self.T + 1))

@@ -147,14 +147,6 @@ def _block_fwd(p, x_BxTxD, mask_BxTxS, n_head):
     return out, res
 
 
-def _after(x, *deps):
-    """x, scheduled after deps (see _block_bwd)."""
-    return jax.lax.optimization_barrier((x, deps))[0] if SERIAL else x
-
-
-SERIAL = True
-
-
 def _block_bwd(p, res, mask_BxTxS, dout_BxTxD, n_head):
     """(dx, dp) of one block, given its output cotangent."""
     B, T, D = dout_BxTxD.shape
@@ -164,35 +156,33 @@ def _block_bwd(p, res, mask_BxTxS, dout_BxTxD, n_head):
     dp = {}
     # MLP: out = x2 + gelu(h2 @ w_fc + b_fc) @ w_mlp_out + b_mlp_out
     dg = jnp.einsum("btd,fd->btf", dout_BxTxD, p["w_mlp_out"])
-    dp["w_mlp_out"] = _wgrad(_after(res["g"], dg), dout_BxTxD)
+    dp["w_mlp_out"] = _wgrad(res["g"], dout_BxTxD)
     du = dg * _gelu_grad(res["u"])
-    dh2 = jnp.einsum("btf,df->btd", _after(du, dp["w_mlp_out"]), p["w_fc"])
-    dp["w_fc"] = _wgrad(_after(res["h2"], dh2), du)
+    dh2 = jnp.einsum("btf,df->btd", du, p["w_fc"])
+    dp["w_fc"] = _wgrad(res["h2"], du)
     dx2, dp["ln2_scale"], dln2_bias = _ln_bwd(dh2, res["xhat2"], res["rstd2"], p["ln2_scale"])
     dx2 = dx2 + dout_BxTxD
     # attention: x2 = x + attn(ln1(x)) @ w_attn_out + b_attn_out
-    dy_BxTxHxK = jnp.einsum("bte,de->btd", _after(dx2, dp["w_fc"]), p["w_attn_out"]).reshape(B, T, H, K)
-    dp["w_attn_out"] = _wgrad(_after(res["y"], dy_BxTxHxK), dx2)
+    dy_BxTxHxK = jnp.einsum("bte,de->btd", dx2, p["w_attn_out"]).reshape(B, T, H, K)
+    dp["w_attn_out"] = _wgrad(res["y"], dx2)
     delta_BxHxT = jnp.einsum("bthk,bthk->bht", dy_BxTxHxK, res["y"].reshape(B, T, H, K))
-    dq, dk, dv = _attn_bwd(_after(res["q"], dp["w_attn_out"]), res["k"], res["v"], mask_BxTxS, res["probs"],
+    dq, dk, dv = _attn_bwd(res["q"], res["k"], res["v"], mask_BxTxS, res["probs"],
                            dy_BxTxHxK.transpose(0, 2, 1, 3), delta_BxHxT)
     dqkv_BxTx3D = jnp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * D)
     dh1 = jnp.einsum("bte,de->btd", dqkv_BxTx3D, p["w_qkv"])
-    dp["w_qkv"] = _wgrad(_after(res["h1"], dh1), dqkv_BxTx3D)
+    dp["w_qkv"] = _wgrad(res["h1"], dqkv_BxTx3D)
     dx1, dp["ln1_scale"], dln1_bias = _ln_bwd(dh1, res["xhat1"], res["rstd1"], p["ln1_scale"])
     if has_bias:
         dp.update(b_mlp_out=dout_BxTxD.sum(tok), b_fc=du.sum(tok), ln2_bias=dln2_bias,
                   b_attn_out=dx2.sum(tok), b_qkv=dqkv_BxTx3D.sum(tok), ln1_bias=dln1_bias)
-    return _after(dx1 + dx2, dp["w_qkv"]), dp
+    return dx1 + dx2, dp
 
 
 # ---------------------------------------------------------------- the stack
-def _layer(blocks, i):
-    return {name: a[i] for name, a in blocks.items()}
-
-
-def _n_layer(blocks) -> int:
-    return next(iter(blocks.values())).shape[0]
+def _unstack(blocks):
+    """Per-layer parameter dicts (the backward reuses the forward's slices)."""
+    L = next(iter(blocks.values())).shape[0]
+    return [{name: a[i] for name, a in blocks.items()} for i in range(L)]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -202,25 +192,25 @@ def stack(blocks, x_BxTxD, mask_BxTxS, n_head: int):
     mask_BxTxS: None for plain causal attention, else the bool (B, T, T) allowed-key mask
     (causality included). Differentiable in blocks and x.
     """
-    for i in range(_n_layer(blocks)):
-        x_BxTxD, _ = _block_fwd(_layer(blocks, i), x_BxTxD, mask_BxTxS, n_head)
+    for p in _unstack(blocks):
+        x_BxTxD, _ = _block_fwd(p, x_BxTxD, mask_BxTxS, n_head)
     return x_BxTxD
 
 
 def _stack_fwd(blocks, x_BxTxD, mask_BxTxS, n_head):
-    saved = []
-    for i in range(_n_layer(blocks)):
-        x_BxTxD, res = _block_fwd(_layer(blocks, i), x_BxTxD, mask_BxTxS, n_head)
+    layers, saved = _unstack(blocks), []
+    for p in layers:
+        x_BxTxD, res = _block_fwd(p, x_BxTxD, mask_BxTxS, n_head)
         saved.append(res)
-    return x_BxTxD, (blocks, saved, mask_BxTxS)
+    return x_BxTxD, (layers, saved, mask_BxTxS)
 
 
 def _stack_bwd(n_head, residuals, dx_BxTxD):
-    blocks, saved, mask_BxTxS = residuals
+    layers, saved, mask_BxTxS = residuals
     dps = [None] * len(saved)
     for i in reversed(range(len(saved))):
-        dx_BxTxD, dps[i] = _block_bwd(_layer(blocks, i), saved[i], mask_BxTxS, dx_BxTxD, n_head)
-    dblocks = {name: jnp.stack([dp[name] for dp in dps]) for name in blocks}
+        dx_BxTxD, dps[i] = _block_bwd(layers[i], saved[i], mask_BxTxS, dx_BxTxD, n_head)
+    dblocks = {name: jnp.stack([dp[name] for dp in dps]) for name in layers[0]}
     return dblocks, dx_BxTxD, None
 
 

@@ -206,10 +206,17 @@ def run_training(cfg: Config, quiet: bool = False) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=quiet, dynamic_ncols=True, unit="step")
     t_last, steps_timed, stop_reason, interrupted = None, 0, None, False
     pending = None  # metrics of the step in flight: read after the next step is dispatched
+    prev_metrics = None
     try:
         while step < cfg.max_steps:
             batch = jax.tree.map(host_slice, tr.batch(step))
             state, metrics = p_step(state, shard_batch(batch, n_local, cfg.grad_accum))
+            # At most two steps in flight. An unbounded queue (a long log_interval never syncs)
+            # deadlocks XLA:CPU's in-process all-reduce on simulated devices, and holds a
+            # batch per queued step in memory on any backend.
+            if prev_metrics is not None:
+                jax.block_until_ready(prev_metrics)
+            prev_metrics = metrics
             step += 1
             bar.update(1)
             if pending is not None:  # the previous log step, read after this step was dispatched

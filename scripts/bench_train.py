@@ -160,7 +160,9 @@ def run_config(name: str, n_steps: int, n_warmup: int, rounds: int, with_torch: 
                 f"{prefix}ms_min": round(1e3 * min(ts), 2)}
 
     info = sides["ours"][1]
+    flags = sys.modules.get("jaxgpt._cpu_tuning")
     row = {"config": name, **spec, "steps": n_steps, **figures("", times["ours"]),
+           "malloc_tuned": bool(flags and flags.applied.get("malloc")),
            "compile_s": round(info["compile_s"], 2),
            "loss_first": round(info["losses"][0], 4), "loss_last": round(info["losses"][-1], 4)}
     if "torch" in sides:

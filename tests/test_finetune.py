@@ -192,6 +192,21 @@ def _token_losses(graphdef, params, tokens_BxT1):
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BxT1[:, 1:])
 
 
+def test_lm_on_documents_trains_bos_text_eos(tmp_path):
+    texts = ["order 4711: 2 x blue mug", "ok", "order 12: 9 x oak desk, ships to Oslo"]
+    src = tmp_path / "docs.jsonl"
+    _write_jsonl(src, [{"text": t} for t in texts * 4])
+    prepare(str(src), str(tmp_path / "docs"), tokenizer="byte", quiet=True)
+    ds = Dataset(str(tmp_path / "docs"), "train", load_meta(str(tmp_path / "docs")))
+    batch = Batcher(ds, "lm", 8, 48, seed=0).batch(0)
+    for r in range(8):
+        counted = _counted(batch, r)
+        text = TOK.decode(counted[:-1])
+        assert text in texts and counted[-1] == EOT  # every token of the text, then EOS
+        assert batch["tokens"][r, 0] == EOT  # after BOS: the empty prompt starts a document
+        assert batch["mask"][r, 0] == 1 and batch["mask"][r].sum() == len(TOK.encode(text)) + 1
+
+
 def _position_losses(model, batch):
     """Mean next-token loss over (prompt targets, completion + eot targets)."""
     losses = np.asarray(_token_losses(nnx.graphdef(model), model_params(model), batch["tokens"]))
