@@ -13,6 +13,5 @@ overrides = {
     "max_steps": 5000,
     "lr": 1e-3,
     "min_lr": 1e-4,
-    "eval_interval": 250,
     "eval_steps": 200,
 }

@@ -15,7 +15,6 @@ overrides = {
     "min_lr": 1e-4,
     "decay_steps": 2000,
     "warmup_steps": 100,
-    "eval_interval": 250,
     # nanoGPT estimates val loss on 20 batches (15k tokens, +-0.02 noise); 200 batches cover more
     # tokens than the whole val split, so the reported figure is the model's, not the sample's.
     "eval_steps": 200,

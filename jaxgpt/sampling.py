@@ -159,16 +159,32 @@ def sample(logits_BxV, params: SamplingParams, flags: SamplingFlags, key, row_id
     return jnp.where(t_B > 0, sampled_B, greedy_B)
 
 
+_DRAW_BLOCK = 256
+
+
 def _draw(key, row_id, step, x_V):
     """One token from softmax(x_V) by inverting the CDF with a single uniform draw.
 
     Gumbel-max (`jax.random.categorical`) needs V random numbers per row per step; at a 50k
     vocabulary generating them costs more than the rest of the sampling. Inverse-CDF needs
-    one: with u in (0, 1], the first index whose cumulative mass reaches u * total always has
-    nonzero probability, so a dropped (-inf) token can never be drawn.
+    one. It runs in two levels, so no prefix sum runs over the whole vocabulary: the masses of
+    blocks of 256 tokens, the block where the cumulative mass reaches u * total, then the token
+    inside that block. With u in (0, 1], the first index whose cumulative mass reaches the target
+    has nonzero mass (the cumulative sum strictly grows there), so a dropped (-inf) token can
+    never be drawn.
     """
+    V = x_V.shape[-1]
+    n_blocks = -(-V // _DRAW_BLOCK)
     u = 1.0 - jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, row_id), step))
-    probs_V = jax.nn.softmax(x_V)
-    cdf_V = jnp.cumsum(probs_V)
-    idx = jnp.sum(cdf_V < u * cdf_V[-1]).astype(jnp.int32)
-    return jnp.minimum(idx, x_V.shape[-1] - 1)
+    x_V = jnp.pad(x_V, (0, n_blocks * _DRAW_BLOCK - V), constant_values=_NEG_INF)
+    w_NxK = jnp.exp(x_V - jnp.max(x_V)).reshape(n_blocks, _DRAW_BLOCK)
+    cdf_N = jnp.cumsum(w_NxK.sum(-1))
+    target = u * cdf_N[-1]
+    blk = jnp.minimum(jnp.sum(cdf_N < target), n_blocks - 1)
+    before = jnp.where(blk > 0, cdf_N[jnp.maximum(blk - 1, 0)], 0.0)  # < target by choice of blk
+    w_K = w_NxK[blk]
+    idx = jnp.sum(before + jnp.cumsum(w_K) < target)
+    # Rounding can leave the block's own running sum a hair short of target: take its last
+    # token with nonzero mass then.
+    last_nonzero = jnp.max(jnp.where(w_K > 0, jnp.arange(_DRAW_BLOCK), 0))
+    return (blk * _DRAW_BLOCK + jnp.minimum(idx, last_nonzero)).astype(jnp.int32)

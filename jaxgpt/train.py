@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from jaxgpt.config import Config
+from jaxgpt.fused_loss import head_loss_sum
 
 AXIS = "data"
 
@@ -69,11 +70,13 @@ def build_optimizer(cfg: Config) -> optax.GradientTransformation:
 def lm_loss_sums(graphdef, params, batch, dropout_key):
     """(sum of masked next-token losses, number of counted targets) for one micro-batch."""
     model = nnx.merge(graphdef, params)
-    x_BxT1 = batch["tokens"]
-    logits_BxTxV, _ = model(x_BxT1[:, :-1], dropout_key=dropout_key)
-    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, x_BxT1[:, 1:])
-    mask = batch["mask"]
-    return jnp.sum(losses_BxT * mask), jnp.sum(mask), {}
+    x_BxT1, mask_BxT = batch["tokens"], batch["mask"]
+    h_BxTxD, _ = model(x_BxT1[:, :-1], dropout_key=dropout_key, return_hidden=True)
+    B, T, D = h_BxTxD.shape
+    # == cross-entropy of model(...)'s logits, with a hand-written backward (jaxgpt/fused_loss.py)
+    loss_sum = head_loss_sum(h_BxTxD.reshape(B * T, D), model.wte[...].astype(h_BxTxD.dtype),
+                             x_BxT1[:, 1:].reshape(B * T), mask_BxT.reshape(B * T), model.cfg.vocab_size)
+    return loss_sum, jnp.sum(mask_BxT), {}
 
 
 def classify_loss_sums(graphdef, params, batch, dropout_key):

@@ -4,6 +4,9 @@ memory-bandwidth bound. Random weights; greedy decoding; one JSON line per (mode
     PYTHONPATH=. python scripts/bench_generate.py                     # everything (many minutes)
     PYTHONPATH=. python scripts/bench_generate.py --model 124m --batch 1 8 --new-tokens 256
     PYTHONPATH=. python scripts/bench_generate.py --quick             # smoke run, seconds
+    PYTHONPATH=. python scripts/bench_generate.py --gpt2 [--batch 1 8] [--new-tokens 128]
+        # GPT-2 interop runs: the GPT-2 124M weights (HF cache, else random) loaded into both
+        # engines, greedy and top-p 0.9, prompt 64 (see scripts/bench_gpt2_generate.py)
 
 Fields (times exclude compilation unless named compile_s):
   ours: tokens_per_s (all rows, prefill included), decode_step_ms (one token for every row),
@@ -189,7 +192,18 @@ def main():
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--quick", action="store_true", help="small model, B=1, 32 tokens: a smoke run")
+    ap.add_argument("--gpt2", action="store_true",
+                    help="the GPT-2 interop runs (greedy and top-p vs transformers on GPT-2 weights)")
     args = ap.parse_args()
+    if args.gpt2:
+        import sys
+
+        import bench_gpt2_generate  # the sibling script (scripts/ is sys.path[0] when run as a file)
+        batches = args.batch if args.batch != [1, 8, 64] else [1, 8]
+        new = args.new_tokens if args.new_tokens != 256 else 128
+        sys.argv = [sys.argv[0], "--batch", *map(str, batches), "--prompt", str(args.prompt_len),
+                    "--new", str(new), "--repeats", str(args.repeats)]
+        return bench_gpt2_generate.main()
     if args.quick:
         args.model, args.batch, args.new_tokens, args.naive_new_tokens = ["small"], [1], 32, 64
         args.naive_steps, args.repeats = 1, 1
