@@ -206,6 +206,9 @@ def _write_rows(cache_BxSxHxK, new_BxTxHxK, start_B):
         new_BxTxHxK.astype(cache_BxSxHxK.dtype), mode="drop")
 
 
+_ROW_MATMUL_MAX_B = 8
+
+
 def _attn_scores(q_BxTxHxK, k_BxSxHxK):
     """q.k over K -> (B, H, T, S) float32.
 
@@ -215,9 +218,14 @@ def _attn_scores(q_BxTxHxK, k_BxSxHxK):
     per-head dot products, which are few, and reads the cache once as a plain matmul operand.
     The two obvious forms are far slower on XLA:CPU: as a batched dot over (b, h), XLA first
     transposes the whole cache to (B, H, K, S), a copy of every layer's cache per token; as a
-    multiply-reduce it runs as an unvectorised reduction (~1 GFLOP/s measured).
+    multiply-reduce it runs as an unvectorised reduction (~1 GFLOP/s measured). Above
+    _ROW_MATMUL_MAX_B rows the H-fold multiply-adds outweigh that (measured at 64 rows of a
+    6-head model: 0.7x the multiply-reduce's speed), so big batches keep the multiply-reduce.
     """
     B, T, H, K = q_BxTxHxK.shape
+    if T == 1 and B > _ROW_MATMUL_MAX_B:
+        s_BxSxH = jnp.sum(q_BxTxHxK.astype(jnp.float32) * k_BxSxHxK.astype(jnp.float32), axis=-1)
+        return jnp.transpose(s_BxSxH, (0, 2, 1))[:, :, None, :]
     if T == 1:
         S = k_BxSxHxK.shape[1]
         eye_HxH = jnp.eye(H, dtype=q_BxTxHxK.dtype)
@@ -234,6 +242,10 @@ def _attn_values(probs_BxHxTxS, v_BxSxHxK):
     K columns (the block diagonal)."""
     B, H, T, S = probs_BxHxTxS.shape
     K = v_BxSxHxK.shape[-1]
+    if T == 1 and B > _ROW_MATMUL_MAX_B:
+        p_BxSxHx1 = jnp.transpose(probs_BxHxTxS[:, :, 0, :], (0, 2, 1))[..., None]
+        y_BxHxK = jnp.sum(p_BxSxHx1.astype(jnp.float32) * v_BxSxHxK.astype(jnp.float32), axis=1)
+        return y_BxHxK[:, None].astype(v_BxSxHxK.dtype)
     if T == 1:
         out_BxHxHK = jnp.einsum("bhs,bsc->bhc", probs_BxHxTxS[:, :, 0, :].astype(v_BxSxHxK.dtype),
                                 v_BxSxHxK.reshape(B, S, H * K), preferred_element_type=jnp.float32)

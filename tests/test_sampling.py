@@ -67,7 +67,7 @@ logit_rows = st.integers(2, MAX_V).flatmap(lambda v: st.lists(
     st.lists(st.floats(-8, 8, allow_nan=False, allow_subnormal=False, width=32), min_size=v, max_size=v), min_size=1, max_size=MAX_B))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(rows=logit_rows, data=st.data())
 def test_filters_keep_reference_support(rows, data):
     x = np.asarray(rows, np.float32)
