@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import json
 import os
 from typing import Sequence
 
@@ -28,6 +27,7 @@ from flax import nnx
 from jaxgpt.checkpoint import load_model
 from jaxgpt.errors import UserError
 from jaxgpt.generation import batch_bucket, bucket
+from jaxgpt.prepare import json_object, read_lines
 from jaxgpt.tokenizer import get_tokenizer
 
 MAX_BATCH = 64  # rows per compiled call: bounds memory for a long --input file
@@ -108,15 +108,7 @@ def read_texts(path: str) -> list[str]:
     file or a malformed record is a UserError naming the line."""
     if not os.path.isfile(path):
         raise UserError(f"--input {path} not found")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        lines = raw.decode("utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = read_lines(path)
     jsonl = path.lower().endswith(".jsonl")
     texts = []
     for lineno, line in enumerate(lines, 1):
@@ -126,13 +118,7 @@ def read_texts(path: str) -> list[str]:
             texts.append(line)
             continue
         where = f"{path} line {lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise UserError(f"{where}: expected a JSON object with a 'text' field, "
-                            f"got {type(obj).__name__}")
+        obj = json_object(line, where, "a JSON object with a 'text' field")
         if "text" not in obj:
             raise UserError(f"{where}: missing field 'text' (got {sorted(obj)})")
         if not isinstance(obj["text"], str):

@@ -130,24 +130,34 @@ def _record_kind(obj: dict) -> str | None:
 _FIELDS = {"documents": ("text",), "sft": ("prompt", "completion"), "classify": ("text", "label")}
 
 
-def _read_jsonl(path: str) -> tuple[str, list[dict]]:
-    """(kind, records). The first record fixes the kind; every other line must match it."""
+def read_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 text file (a BOM dropped); unreadable or non-UTF-8 is a UserError."""
     raw = _read_bytes(path)
     try:
-        lines = raw.decode("utf-8-sig").splitlines()
+        return raw.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e})") from None
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def json_object(line: str, where: str, expected: str = "a JSON object") -> dict:
+    """One JSONL line as a dict; anything else is a UserError naming `where`."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: invalid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected {expected}, got {type(obj).__name__}")
+    return obj
+
+
+def _read_jsonl(path: str) -> tuple[str, list[dict]]:
+    """(kind, records). The first record fixes the kind; every other line must match it."""
     kind, first, records = None, 0, []
-    for lineno, line in enumerate(lines, 1):
+    for lineno, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         where = f"{path} line {lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        obj = json_object(line, where)
         this = _record_kind(obj)
         if kind is None:
             if this is None:
