@@ -238,41 +238,41 @@ def _decode_step(model, state: DecodeState, wte_T_DxVp):
     return state, token_B, logits_BxV
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3), static_argnames=("return_logits",),
-                   donate_argnums=2)
-def decode(graphdef, params, state: DecodeState, n_steps: int, return_logits: bool = False):
-    """Run n_steps decode steps under `lax.scan` (one compiled program per n_steps).
+@functools.partial(jax.jit, static_argnums=0)
+def decode_weights(graphdef, params):
+    """The weights as decode's loop reads them; `generate` builds them once per call.
 
-    graphdef, params: `nnx.split(model)`. state: from `init_decode_state` or a previous call;
-    DONATED (the cache is updated in place; use the returned state).
-    Returns (state, tokens_BxN) with PAD where a row was done, or with return_logits
-    (state, tokens_BxN, logits_BxNxV): the logits each token was sampled from (before the
-    sampling filters), for tests and scoring.
+    Returns (layers, wte_T_DxVp): `layers` holds each stacked block parameter as a list of its
+    L per-layer arrays, and wte_T_DxVp is the tied head's weight transposed. Both are copies
+    (the size of the weights), made once instead of once per token:
+    - XLA:CPU copies a static slice of a stacked (L, ...) weight into a fresh buffer before
+      each dot, i.e. every weight would be read twice and written once per token. Given the
+      per-layer buffers, the loop re-stacks them and XLA folds slice(concatenate(w_0..), i)
+      into w_i, so the dots read the buffers directly.
+    - XLA:CPU runs h @ wte.T, the (Vp, D) weight read along its rows, at ~2/3 of the speed of
+      the plain (D, Vp) product at one row.
+    With a low-precision compute dtype the matrices are cast here, once, too.
     """
-    STATS["trace:decode"] += 1
-    # XLA:CPU copies a static slice of a stacked (L, ...) weight into a fresh buffer before
-    # each dot, i.e. every weight would be read twice and written once per token. So slice
-    # the layers once per call, outside the loop, and re-stack them inside: XLA folds
-    # slice(concatenate(w_0..w_L-1), i) into w_i, and the dots read the loop-invariant
-    # per-layer buffers directly. The price is one copy of the block weights per call
-    # (amortised over n_steps tokens) and that much transient memory. With a low-precision
-    # compute dtype the matrices are cast here too, once, instead of once per token.
+    STATS["trace:decode_weights"] += 1
     template = nnx.merge(graphdef, params)
     n_layer, dt = template.cfg.n_layer, template.dtype
-    flat, blocks_def = jax.tree_util.tree_flatten_with_path(params["blocks"])
-    per_layer = []
-    for path, a in flat:
-        name = str(getattr(path[0], "key", ""))  # e.g. "w_qkv"; LayerNorm params stay float32
-        cast = dt != jnp.float32 and name.startswith(("w_", "b_"))
-        per_layer.append([a[i].astype(dt) if cast else a[i] for i in range(n_layer)])
+    layers = {}
+    for name, a in params["blocks"].items():
+        a = a[...]
+        cast = dt != jnp.float32 and name.startswith(("w_", "b_"))  # LayerNorm stays float32
+        layers[name] = [a[i].astype(dt) if cast else a[i] for i in range(n_layer)]
+    return layers, jnp.transpose(params["wte"][...].astype(dt))
 
-    # The head as (D, Vp), transposed here, once per call: XLA:CPU runs h @ wte.T, the (Vp, D)
-    # weight read along its rows, at a fraction of the speed of the plain (D, Vp) product.
-    wte_T_DxVp = jnp.transpose(params["wte"][...].astype(dt))
+
+@functools.partial(jax.jit, static_argnums=(0, 5), static_argnames=("return_logits",),
+                   donate_argnums=4)
+def _decode_loop(graphdef, params, layers, wte_T_DxVp, state: DecodeState, n_steps: int,
+                 return_logits: bool = False):
+    STATS["trace:decode"] += 1
 
     def body(st, _):
         p = jax.tree.map(lambda x: x, params)
-        p["blocks"] = blocks_def.unflatten([jnp.stack(layers) for layers in per_layer])
+        p["blocks"] = {name: jnp.stack(per_layer) for name, per_layer in layers.items()}
         st, token_B, logits_BxV = _decode_step(nnx.merge(graphdef, p), st, wte_T_DxVp)
         return st, (token_B, logits_BxV if return_logits else None)
 
@@ -280,6 +280,21 @@ def decode(graphdef, params, state: DecodeState, n_steps: int, return_logits: bo
     if return_logits:
         return state, tokens_NxB.T, jnp.swapaxes(logits_NxBxV, 0, 1)
     return state, tokens_NxB.T
+
+
+def decode(graphdef, params, state: DecodeState, n_steps: int, return_logits: bool = False,
+           weights=None):
+    """Run n_steps decode steps under `lax.scan` (one compiled program per n_steps).
+
+    graphdef, params: `nnx.split(model)`. state: from `init_decode_state` or a previous call;
+    DONATED (the cache is updated in place; use the returned state).
+    weights: `decode_weights(graphdef, params)`, to reuse across calls (else built per call).
+    Returns (state, tokens_BxN) with PAD where a row was done, or with return_logits
+    (state, tokens_BxN, logits_BxNxV): the logits each token was sampled from (before the
+    sampling filters), for tests and scoring.
+    """
+    layers, wte_T_DxVp = decode_weights(graphdef, params) if weights is None else weights
+    return _decode_loop(graphdef, params, layers, wte_T_DxVp, state, n_steps, return_logits=return_logits)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -419,9 +434,10 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
             windowed=windowed, history_len=bucket(P + N))
         yield _rows(np.asarray(token_B)[:n, None])
         produced = 1
+        weights = decode_weights(graphdef, params) if N > 1 else None
         while produced < N and not bool(np.asarray(state.done_B).all()):
             STATS["decode_calls"] += 1
-            state, tokens_BxN = decode(graphdef, params, state, n_steps)
+            state, tokens_BxN = decode(graphdef, params, state, n_steps, weights=weights)
             produced += n_steps
             yield _rows(np.asarray(tokens_BxN)[:n])
 

@@ -206,53 +206,36 @@ def _write_rows(cache_BxSxHxK, new_BxTxHxK, start_B):
         new_BxTxHxK.astype(cache_BxSxHxK.dtype), mode="drop")
 
 
-_ROW_MATMUL_MAX_B = 8
+def _decode_attention(q_BxHxK, k_new_BxHxK, v_new_BxHxK, k_BxSxHxK, v_BxSxHxK, valid_BxS):
+    """One query per row against the cache as it was (slots where valid_BxS) plus the row's
+    own new key/value -> (B, H, K) in v's dtype, with a float32 softmax.
 
-
-def _attn_scores(q_BxTxHxK, k_BxSxHxK):
-    """q.k over K -> (B, H, T, S) float32.
-
-    One query (cached decode) is written as one batched matmul per row over the cache in its own
-    (B, S, H*K) layout: scores_BxSxH = k_BxSx(HK) @ q_bd, with q_bd the (HK, H) block-diagonal
-    matrix holding head h's query in column h. That costs H times the multiply-adds of the
-    per-head dot products, which are few, and reads the cache once as a plain matmul operand.
-    The two obvious forms are far slower on XLA:CPU: as a batched dot over (b, h), XLA first
-    transposes the whole cache to (B, H, K, S), a copy of every layer's cache per token; as a
-    multiply-reduce it runs as an unvectorised reduction (~1 GFLOP/s measured). Above
-    _ROW_MATMUL_MAX_B rows the H-fold multiply-adds outweigh that (measured at 64 rows of a
-    6-head model: 0.7x the multiply-reduce's speed), so big batches keep the multiply-reduce.
+    Everything stays in the cache's (B, S, H*K) layout. Scores are one matmul per row against
+    the (HK, H) block-diagonal matrix holding head h's query in column h; values are the
+    (S, H) probabilities times the (S, HK) cache, of which head h keeps its own K columns.
+    That is H times the per-head multiply-adds, and still the fastest form measured on
+    XLA:CPU (6L/384 model, 1 to 64 rows): a batched dot over (b, h) first transposes every
+    layer's cache to (B, H, K, S) on every token, and the multiply-reduce over K runs as an
+    unvectorised reduction (2x slower at 1 row, 1.2x at 64).
     """
-    B, T, H, K = q_BxTxHxK.shape
-    if T == 1 and B > _ROW_MATMUL_MAX_B:
-        s_BxSxH = jnp.sum(q_BxTxHxK.astype(jnp.float32) * k_BxSxHxK.astype(jnp.float32), axis=-1)
-        return jnp.transpose(s_BxSxH, (0, 2, 1))[:, :, None, :]
-    if T == 1:
-        S = k_BxSxHxK.shape[1]
-        eye_HxH = jnp.eye(H, dtype=q_BxTxHxK.dtype)
-        q_bd_BxHKxH = (q_BxTxHxK[:, 0, :, :, None] * eye_HxH[None, :, None, :]).reshape(B, H * K, H)
-        s_BxSxH = jnp.einsum("bsc,bch->bsh", k_BxSxHxK.reshape(B, S, H * K).astype(q_bd_BxHKxH.dtype),
-                             q_bd_BxHKxH, preferred_element_type=jnp.float32)
-        return jnp.transpose(s_BxSxH, (0, 2, 1))[:, :, None, :]
-    return jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK, preferred_element_type=jnp.float32)
-
-
-def _attn_values(probs_BxHxTxS, v_BxSxHxK):
-    """probs @ v -> (B, T, H, K). One query (see `_attn_scores`): each head's probabilities
-    times the whole (S, H*K) value cache, one plain matmul per row, then head h keeps its own
-    K columns (the block diagonal)."""
-    B, H, T, S = probs_BxHxTxS.shape
-    K = v_BxSxHxK.shape[-1]
-    if T == 1 and B > _ROW_MATMUL_MAX_B:
-        p_BxSxHx1 = jnp.transpose(probs_BxHxTxS[:, :, 0, :], (0, 2, 1))[..., None]
-        y_BxHxK = jnp.sum(p_BxSxHx1.astype(jnp.float32) * v_BxSxHxK.astype(jnp.float32), axis=1)
-        return y_BxHxK[:, None].astype(v_BxSxHxK.dtype)
-    if T == 1:
-        out_BxHxHK = jnp.einsum("bhs,bsc->bhc", probs_BxHxTxS[:, :, 0, :].astype(v_BxSxHxK.dtype),
-                                v_BxSxHxK.reshape(B, S, H * K), preferred_element_type=jnp.float32)
-        eye_HxH = jnp.eye(H, dtype=jnp.float32)
-        y_BxHxK = jnp.sum(out_BxHxHK.reshape(B, H, H, K) * eye_HxH[None, :, :, None], axis=2)
-        return y_BxHxK[:, None].astype(v_BxSxHxK.dtype)
-    return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxSxHxK)
+    B, S, H, K = k_BxSxHxK.shape
+    dt = v_BxSxHxK.dtype
+    scale = 1.0 / math.sqrt(K)
+    eye_HxH = jnp.eye(H, dtype=dt)
+    q_bd_BxHKxH = (q_BxHxK.astype(dt)[:, :, :, None] * eye_HxH[None, :, None, :]).reshape(B, H * K, H)
+    s_BxSxH = jnp.einsum("bsc,bch->bsh", k_BxSxHxK.reshape(B, S, H * K), q_bd_BxHKxH,
+                         preferred_element_type=jnp.float32)
+    s_BxSxH = jnp.where(valid_BxS[:, :, None], s_BxSxH * scale, _NEG)
+    s_new_BxH = jnp.sum(q_BxHxK.astype(jnp.float32) * k_new_BxHxK.astype(jnp.float32), -1) * scale
+    m_BxH = jnp.maximum(jnp.max(s_BxSxH, axis=1), s_new_BxH)
+    e_BxSxH = jnp.exp(s_BxSxH - m_BxH[:, None])
+    e_new_BxH = jnp.exp(s_new_BxH - m_BxH)
+    inv_BxH = 1.0 / (jnp.sum(e_BxSxH, axis=1) + e_new_BxH)
+    out_BxHxHK = jnp.einsum("bsh,bsc->bhc", e_BxSxH.astype(dt), v_BxSxHxK.reshape(B, S, H * K),
+                            preferred_element_type=jnp.float32)
+    y_BxHxK = jnp.sum(out_BxHxHK.reshape(B, H, H, K) * eye_HxH.astype(jnp.float32)[None, :, :, None], axis=2)
+    y_BxHxK = (y_BxHxK + e_new_BxH[..., None] * v_new_BxHxK.astype(jnp.float32)) * inv_BxH[..., None]
+    return y_BxHxK.astype(dt)
 
 
 def _block(cfg: ModelConfig, dt, p, x_BxTxD, allowed_BxTxS, key, kv_cache, start_B):
@@ -265,16 +248,35 @@ def _block(cfg: ModelConfig, dt, p, x_BxTxD, allowed_BxTxS, key, kv_cache, start
     h = _layer_norm(x_BxTxD, p["ln1_scale"], get("ln1_bias")).astype(dt)
     qkv_BxTx3D = _linear(h, p["w_qkv"], get("b_qkv"), dt)
     q, k, v = (a.reshape(B, T, H, K) for a in jnp.split(qkv_BxTx3D, 3, axis=-1))
-    if kv_cache is not None:
-        k_cache, v_cache = _write_rows(kv_cache[0], k, start_B), _write_rows(kv_cache[1], v, start_B)
-        k, v = k_cache.astype(dt), v_cache.astype(dt)
-        kv_cache = (k_cache, v_cache)
-    scores_BxHxTxS = _attn_scores(q, k)
-    scores_BxHxTxS = jnp.where(allowed_BxTxS[:, None], scores_BxHxTxS / math.sqrt(K), _NEG)
-    probs = jax.nn.softmax(scores_BxHxTxS, axis=-1)
-    if train:
-        probs = _dropout(probs, cfg.dropout, jax.random.fold_in(key, 0))
-    y_BxTxHxK = _attn_values(probs.astype(dt), v)
+    if kv_cache is not None and T == 1:
+        # One-token decode attends to the cache as it was (slots < length) plus the new key
+        # itself, and the write is a separate update that nothing in this step reads. Reading
+        # the just-written cache instead makes XLA:CPU fuse the write into the attention's
+        # operand, so each layer's cache is rewritten into a fresh buffer (and copied to keep
+        # the in-place update legal) on every token: ~4 cache copies per layer per step.
+        k_old, v_old = kv_cache
+        S = k_old.shape[1]
+        valid_BxS = allowed_BxTxS[:, 0] & (jnp.arange(S)[None, :] != start_B[:, None])
+        y_BxHxK = _decode_attention(q[:, 0], k[:, 0], v[:, 0], k_old.astype(dt), v_old.astype(dt), valid_BxS)
+        y_BxTxHxK = y_BxHxK[:, None]
+        # The writes must come after the reads above, or XLA has to copy each cache to update
+        # it in place. JAX has no control dependencies (and XLA:CPU drops optimization
+        # barriers), so make the new entries depend on the reads' result: `0 * x` is not
+        # simplified away for floats (NaN semantics) and costs B*H*K flops.
+        dep_Bx1xHx1 = 0 * y_BxTxHxK[..., :1]
+        kv_cache = (_write_rows(k_old, k + dep_Bx1xHx1.astype(k.dtype), start_B),
+                    _write_rows(v_old, v + dep_Bx1xHx1.astype(v.dtype), start_B))
+    else:
+        if kv_cache is not None:
+            k_cache, v_cache = _write_rows(kv_cache[0], k, start_B), _write_rows(kv_cache[1], v, start_B)
+            k, v = k_cache.astype(dt), v_cache.astype(dt)
+            kv_cache = (k_cache, v_cache)
+        scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32)
+        scores_BxHxTxS = jnp.where(allowed_BxTxS[:, None], scores_BxHxTxS / math.sqrt(K), _NEG)
+        probs = jax.nn.softmax(scores_BxHxTxS, axis=-1)
+        if train:
+            probs = _dropout(probs, cfg.dropout, jax.random.fold_in(key, 0))
+        y_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs.astype(dt), v)
     y_BxTxD = _linear(y_BxTxHxK.reshape(B, T, D), p["w_attn_out"], get("b_attn_out"), dt)
     if train:
         y_BxTxD = _dropout(y_BxTxD, cfg.dropout, jax.random.fold_in(key, 1))
