@@ -139,17 +139,37 @@ def filter_logits(x_BxV, params: SamplingParams, flags: SamplingFlags):
     return x_BxV
 
 
+def first_argmax(x, axis=-1):
+    """The first index of the maximum along `axis`, int32 (jnp.argmax's answer on finite input).
+
+    Written as two float max-reductions, which XLA:CPU vectorises, where argmax's (value, index)
+    pair reduction runs element by element: 1.3-2x faster over a 50k vocabulary. NaN input
+    gives the last index instead of the NaN's.
+    """
+    x = x.astype(jnp.float32)
+    n = x.shape[axis]
+    shape = [1] * x.ndim
+    shape[axis] = n
+    # n - i for index i, so the largest marks the first maximum (exact in float32 below 2**24).
+    rev = (n - jnp.arange(n, dtype=jnp.int32)).astype(jnp.float32).reshape(shape)
+    best = jnp.max(jnp.where(x == jnp.max(x, axis=axis, keepdims=True), rev, 0.0), axis=axis)
+    return jnp.minimum(n - best.astype(jnp.int32), n - 1)
+
+
 def sample(logits_BxV, params: SamplingParams, flags: SamplingFlags, key, row_id_B, step_B,
-           presence_BxV=None):
+           presence_BxV=None, greedy_B=None):
     """One token per row (int32, (B,)). Greedy rows (temperature 0) take the argmax.
 
     key: one PRNG key for the whole generation; row_id_B, step_B: see the module docstring.
     presence_BxV: required when flags.repetition_penalty.
+    greedy_B: the argmax of logits_BxV, when the caller has it already (decode takes it from
+      its head matmul's own layout); unused with the repetition penalty, which moves it.
     """
     x_BxV = logits_BxV.astype(jnp.float32)
     if flags.repetition_penalty:
         x_BxV = apply_repetition_penalty(x_BxV, presence_BxV, params.repetition_penalty_B)
-    greedy_B = jnp.argmax(x_BxV, axis=-1).astype(jnp.int32)
+    if greedy_B is None or flags.repetition_penalty:
+        greedy_B = first_argmax(x_BxV, axis=-1)
     if not flags.sample:
         return greedy_B
     t_B = params.temperature_B

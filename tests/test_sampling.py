@@ -7,7 +7,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from jaxgpt.sampling import SamplingFlags, SamplingParams, apply_repetition_penalty, filter_logits, sample
+from jaxgpt.sampling import (SamplingFlags, SamplingParams, apply_repetition_penalty, filter_logits,
+                             first_argmax, sample)
 
 ALL = SamplingFlags(sample=True, top_k=True, top_p=True, min_p=True, repetition_penalty=True)
 MARGIN = 1e-4  # examples this close to a top-p / min-p boundary are float-ambiguous: skipped
@@ -140,6 +141,24 @@ def test_temperature_sharpens_and_filters_are_respected():
 def test_dropped_tokens_are_never_drawn_even_with_tiny_mass():
     logits = np.array([0.0, -np.inf, 0.0, -np.inf, -30.0], np.float32)
     assert not ({1, 3} & set(_draws(logits, 5000).tolist()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 300), st.data())
+def test_first_argmax_equals_numpy_argmax_with_ties(rows, n, data):
+    """Including ties (values drawn from a few levels) and -inf, along either axis."""
+    levels = st.sampled_from([-np.inf, -3.0, 0.0, 0.5, 2.0, 7.25])
+    x = np.array(data.draw(st.lists(st.lists(levels, min_size=n, max_size=n), min_size=rows, max_size=rows)),
+                 np.float32)
+    # Padded with -inf to one shape (one compile): trailing -inf never moves the first maximum.
+    xp = np.full((5, 300), -np.inf, np.float32)
+    xp[:rows, :n] = x
+    np.testing.assert_array_equal(np.asarray(_argmax_last(xp))[:rows], np.argmax(x, -1))
+    np.testing.assert_array_equal(np.asarray(_argmax_first(xp.T))[:rows], np.argmax(x, -1))
+
+
+_argmax_last = jax.jit(lambda x: first_argmax(x, axis=-1))
+_argmax_first = jax.jit(lambda x: first_argmax(x, axis=0))
 
 
 def test_greedy_rows_take_the_argmax_and_ignore_randomness():
