@@ -5,7 +5,8 @@ Shapes in names: B rows (batch bucket), T prompt bucket, S cache slots, N steps,
 The pieces, usable on their own by callers that drive their own loop:
   prefill(graphdef, params, tokens_BxT, lengths_B, cache) -> (logits_BxV, cache)
   init_decode_state(logits_BxV, cache, tokens_BxT, lengths_B, ...) -> (DecodeState, token_B)
-  decode(graphdef, params, state, n_steps) -> (state, tokens_BxN)
+  decode(graphdef, params, state, n_steps, weights=None) -> (state, tokens_BxN)
+  decode_weights(graphdef, params) -> weights (build once, pass to every decode call)
 `generate()` wires them together; `logits()` is the cache-free reference forward.
 
 Design decisions (why, not what):
