@@ -207,7 +207,7 @@ def init_decode_state(logits_BxV, cache, tokens_BxT, lengths_B, max_new_B, eos_B
 def _decode_step(model, state: DecodeState, wte_T_DxVp):
     """Feed each row's last token, sample the next. Returns (state, token_B, logits_BxV).
 
-    wte_T_DxVp: the tied head's weight, transposed once per `decode` call (see there).
+    wte_T_DxVp: the tied head's weight transposed (see `decode_weights`), for one row only.
     """
     cache = state.cache
     S = cache["k"][0].shape[1]
@@ -252,13 +252,14 @@ def _decode_step(model, state: DecodeState, wte_T_DxVp):
     return state, token_B, logits_BxV
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def decode_weights(graphdef, params):
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def decode_weights(graphdef, params, one_row: bool = True):
     """The weights as decode's loop reads them; `generate` builds them once per call.
 
     Returns (layers, wte_T_DxVp): `layers` holds each stacked block parameter as a list of its
-    L per-layer arrays, and wte_T_DxVp is the tied head's weight transposed. Both are copies
-    (the size of the weights), made once instead of once per token:
+    L per-layer arrays, and wte_T_DxVp is the tied head's weight transposed (None unless
+    one_row: decode only reads it for a batch of one row). Both are copies (the size of the
+    weights), made once instead of once per token:
     - XLA:CPU copies a static slice of a stacked (L, ...) weight into a fresh buffer before
       each dot, i.e. every weight would be read twice and written once per token. Given the
       per-layer buffers, the loop re-stacks them and XLA folds slice(concatenate(w_0..), i)
@@ -275,7 +276,7 @@ def decode_weights(graphdef, params):
         a = a[...]
         cast = dt != jnp.float32 and name.startswith(("w_", "b_"))  # LayerNorm stays float32
         layers[name] = [a[i].astype(dt) if cast else a[i] for i in range(n_layer)]
-    return layers, jnp.transpose(params["wte"][...].astype(dt))
+    return layers, jnp.transpose(params["wte"][...].astype(dt)) if one_row else None
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5), static_argnames=("return_logits",),
@@ -302,12 +303,15 @@ def decode(graphdef, params, state: DecodeState, n_steps: int, return_logits: bo
 
     graphdef, params: `nnx.split(model)`. state: from `init_decode_state` or a previous call;
     DONATED (the cache is updated in place; use the returned state).
-    weights: `decode_weights(graphdef, params)`, to reuse across calls (else built per call).
+    weights: `decode_weights(graphdef, params, one_row=B == 1)`, to reuse across calls (else
+      built per call).
     Returns (state, tokens_BxN) with PAD where a row was done, or with return_logits
     (state, tokens_BxN, logits_BxNxV): the logits each token was sampled from (before the
     sampling filters), for tests and scoring.
     """
-    layers, wte_T_DxVp = decode_weights(graphdef, params) if weights is None else weights
+    if weights is None:
+        weights = decode_weights(graphdef, params, state.token_B.shape[0] == 1)
+    layers, wte_T_DxVp = weights
     return _decode_loop(graphdef, params, layers, wte_T_DxVp, state, n_steps, return_logits=return_logits)
 
 
@@ -448,7 +452,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
             windowed=windowed, history_len=bucket(P + N))
         yield _rows(np.asarray(token_B)[:n, None])
         produced = 1
-        weights = decode_weights(graphdef, params) if N > 1 else None
+        weights = decode_weights(graphdef, params, B == 1) if N > 1 else None
         while produced < N and not bool(np.asarray(state.done_B).all()):
             STATS["decode_calls"] += 1
             state, tokens_BxN = decode(graphdef, params, state, n_steps, weights=weights)

@@ -77,7 +77,9 @@ def apply_repetition_penalty(logits_BxV, presence_BxV, penalty_B):
 def _ordered_keys(x):
     """uint32 keys with the order of the float32 values (-inf lowest), so that a threshold can be
     searched exactly by bisection over 2**32 integers instead of over floats."""
-    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    x = x.astype(jnp.float32)
+    x = jnp.where(x == 0, jnp.float32(0), x)  # -0.0 == 0.0 as floats: one key for both
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
     negative = (bits >> 31) == 1
     return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 

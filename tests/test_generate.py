@@ -171,13 +171,14 @@ def test_mixed_sampling_settings_share_one_program(model):
     assert G.STATS["trace:decode"] == 1  # new values, same program
 
 
-def test_decode_updates_the_cache_in_place(model):
+@pytest.mark.parametrize("n_rows", [4, 1])  # the one-row program has its own head and attention
+def test_decode_updates_the_cache_in_place(model, n_rows):
     """The compiled decode loop holds no copy of a cache buffer: each step writes one slot per
     row in place. (Reading the just-written cache made XLA:CPU copy every layer's cache ~4
     times per token: correct output, a third of the decode time.)"""
-    prompts = _prompts([7, 16, 5, 10])
+    prompts = _prompts([7, 16, 5, 10])[:n_rows]
     graphdef, params, _, state, _ = _start(model, prompts, 4)
-    layers, wte_T = G.decode_weights(graphdef, params)
+    layers, wte_T = G.decode_weights(graphdef, params, n_rows == 1)
     hlo = G._decode_loop.lower(graphdef, params, layers, wte_T, state, 4).compile().as_text()
     B, S = state.cache["k"][0].shape[:2]
     cache_shape = f"f32[{B},{S},{CFG.n_head},{CFG.head_dim}]"

@@ -161,6 +161,14 @@ _argmax_last = jax.jit(lambda x: first_argmax(x, axis=-1))
 _argmax_first = jax.jit(lambda x: first_argmax(x, axis=0))
 
 
+def test_signed_zeros_tie():
+    """-0.0 == 0.0: a top-k or top-p threshold at 0 keeps both (found by the property test)."""
+    x = np.zeros((1, 33), np.float32)
+    x[0, -1] = -0.0
+    assert filter_support(x, [1], [1.0], [0.0], ALL).all()
+    assert filter_support(x, [0], [0.5], [0.0], ALL).all()
+
+
 def test_greedy_rows_take_the_argmax_and_ignore_randomness():
     x = jnp.asarray(np.random.RandomState(0).randn(3, 50), jnp.float32)
     params = SamplingParams.make(3, [0.0, 0.0, 0.0], top_k=[5, 0, 1], top_p=[0.3, 1.0, 1.0])
