@@ -178,8 +178,8 @@ def test_decode_updates_the_cache_in_place(model, n_rows):
     times per token: correct output, a third of the decode time.)"""
     prompts = _prompts([7, 16, 5, 10])[:n_rows]
     graphdef, params, _, state, _ = _start(model, prompts, 4)
-    layers, wte_T = G.decode_weights(graphdef, params, n_rows == 1)
-    hlo = G._decode_loop.lower(graphdef, params, layers, wte_T, state, 4).compile().as_text()
+    weights = G.decode_weights(graphdef, params, n_rows == 1)
+    hlo = G._decode_loop.lower(graphdef, params, weights, state, 4).compile().as_text()
     B, S = state.cache["k"][0].shape[:2]
     cache_shape = f"f32[{B},{S},{CFG.n_head},{CFG.head_dim}]"
     copies = [line for line in hlo.splitlines() if f"= {cache_shape}" in line and " copy(" in line]
