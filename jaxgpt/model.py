@@ -254,6 +254,25 @@ def _decode_attention(q_BxHxK, k_new_BxHxK, v_new_BxHxK, k_BxSxHxK, v_BxSxHxK, v
     return y_BxHxK.astype(dt)
 
 
+def _attend_then_write(q_Bx1xHxK, k_Bx1xHxK, v_Bx1xHxK, kv_cache, allowed_BxS, start_B, dt):
+    """One-token decode: attention over the cache as it was plus the new key/value, then the
+    new key/value written at each row's slot. Returns (y_BxHxK, (k_cache, v_cache)).
+
+    The writes must come after the reads, or XLA has to copy each cache to update it in place
+    (it did: ~4 copies of every layer's cache per token). JAX has no control dependencies and
+    XLA:CPU drops optimization barriers, so the new entries are made to depend on the reads'
+    result: `0 * y` is not simplified away for floats (NaN semantics) and costs B*H*K flops.
+    """
+    k_old, v_old = kv_cache
+    S = k_old.shape[1]
+    valid_BxS = allowed_BxS & (jnp.arange(S)[None, :] != start_B[:, None])
+    y_BxHxK = _decode_attention(q_Bx1xHxK[:, 0], k_Bx1xHxK[:, 0], v_Bx1xHxK[:, 0],
+                                k_old.astype(dt), v_old.astype(dt), valid_BxS)
+    dep_Bx1xHx1 = 0 * y_BxHxK[:, None, :, :1]
+    return y_BxHxK, (_write_rows(k_old, k_Bx1xHxK + dep_Bx1xHx1.astype(k_Bx1xHxK.dtype), start_B),
+                     _write_rows(v_old, v_Bx1xHxK + dep_Bx1xHx1.astype(v_Bx1xHxK.dtype), start_B))
+
+
 def _block(cfg: ModelConfig, dt, p, x_BxTxD, allowed_BxTxS, key, kv_cache, start_B):
     B, T, D = x_BxTxD.shape
     H, K = cfg.n_head, cfg.head_dim
@@ -270,18 +289,8 @@ def _block(cfg: ModelConfig, dt, p, x_BxTxD, allowed_BxTxS, key, kv_cache, start
         # the just-written cache instead makes XLA:CPU fuse the write into the attention's
         # operand, so each layer's cache is rewritten into a fresh buffer (and copied to keep
         # the in-place update legal) on every token: ~4 cache copies per layer per step.
-        k_old, v_old = kv_cache
-        S = k_old.shape[1]
-        valid_BxS = allowed_BxTxS[:, 0] & (jnp.arange(S)[None, :] != start_B[:, None])
-        y_BxHxK = _decode_attention(q[:, 0], k[:, 0], v[:, 0], k_old.astype(dt), v_old.astype(dt), valid_BxS)
+        y_BxHxK, kv_cache = _attend_then_write(q, k, v, kv_cache, allowed_BxTxS[:, 0], start_B, dt)
         y_BxTxHxK = y_BxHxK[:, None]
-        # The writes must come after the reads above, or XLA has to copy each cache to update
-        # it in place. JAX has no control dependencies (and XLA:CPU drops optimization
-        # barriers), so make the new entries depend on the reads' result: `0 * x` is not
-        # simplified away for floats (NaN semantics) and costs B*H*K flops.
-        dep_Bx1xHx1 = 0 * y_BxTxHxK[..., :1]
-        kv_cache = (_write_rows(k_old, k + dep_Bx1xHx1.astype(k.dtype), start_B),
-                    _write_rows(v_old, v + dep_Bx1xHx1.astype(v.dtype), start_B))
     else:
         if kv_cache is not None:
             k_cache, v_cache = _write_rows(kv_cache[0], k, start_B), _write_rows(kv_cache[1], v, start_B)
@@ -333,13 +342,7 @@ def _decode_block_T(cfg: ModelConfig, dt, p, x_DxB, allowed_BxS, kv_cache, start
     h = ln(x_DxB, p["ln1_scale"], get("ln1_bias"))
     qkv_3DxB = lin(p["w_qkv_T"], h, get("b_qkv"))
     q, k, v = (a.T.reshape(B, 1, H, K) for a in jnp.split(qkv_3DxB, 3, axis=0))
-    k_old, v_old = kv_cache
-    S = k_old.shape[1]
-    valid_BxS = allowed_BxS & (jnp.arange(S)[None, :] != start_B[:, None])
-    y_BxHxK = _decode_attention(q[:, 0], k[:, 0], v[:, 0], k_old.astype(dt), v_old.astype(dt), valid_BxS)
-    dep_Bx1xHx1 = 0 * y_BxHxK[:, None, :, :1]  # write after the reads: see `_block`
-    kv_cache = (_write_rows(k_old, k + dep_Bx1xHx1.astype(k.dtype), start_B),
-                _write_rows(v_old, v + dep_Bx1xHx1.astype(v.dtype), start_B))
+    y_BxHxK, kv_cache = _attend_then_write(q, k, v, kv_cache, allowed_BxS, start_B, dt)
     x_DxB = x_DxB + lin(p["w_attn_out_T"], y_BxHxK.reshape(B, D).T, get("b_attn_out"))
     h = ln(x_DxB, p["ln2_scale"], get("ln2_bias"))
     h = jax.nn.gelu(lin(p["w_fc_T"], h, get("b_fc")), approximate=True)
