@@ -159,9 +159,9 @@ def prefill(graphdef, params, tokens_BxT, lengths_B, cache):
     B, T = tokens_BxT.shape
     start_B = cache["length"]
     positions_BxT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    h_BxTxD, cache = model(tokens_BxT, positions_BxT, cache, return_hidden=True)
     # Only the last real token's logits are needed: T x V of head matmul would be wasted.
-    last_BxD = jnp.take_along_axis(h_BxTxD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    last_BxD, cache = model(tokens_BxT, positions_BxT, cache, return_hidden=True,
+                            hidden_at_B=lengths_B - 1)
     # The model advanced every row by T; the padding slots past a row's length are garbage that
     # the mask hides and the next writes overwrite.
     cache = dict(cache, length=start_B + lengths_B)
@@ -236,8 +236,9 @@ def _decode_step(model, state: DecodeState, wte_T_DxVp, mats_T=None):
             # The last W tokens of each row at positions 0..W-1: a full no-cache forward.
             idx_BxW = jnp.maximum(state.n_B[:, None] - W, 0) + jnp.arange(W)[None, :]
             win_BxW = jnp.take_along_axis(state.history_BxN, idx_BxW, axis=1)
-            h_BxWxD, _ = model(win_BxW, return_hidden=True)
-            return _lm_head(model, h_BxWxD[:, -1])
+            last_BxD, _ = model(win_BxW, return_hidden=True,
+                                hidden_at_B=jnp.full(win_BxW.shape[:1], W - 1))
+            return _lm_head(model, last_BxD)
 
         need = jnp.any(active_B & ~in_window_B)
         slid_BxV = jax.lax.cond(need, window_logits, lambda: jnp.zeros_like(logits_BxV))
