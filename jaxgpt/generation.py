@@ -85,7 +85,9 @@ def batch_bucket(n: int) -> int:
 class DecodeState:
     """Everything decode carries between steps; a pytree, donated to every `decode` call.
 
-    cache: the KV cache; cache["length"][b] = slots row b has filled (= n_B[b] - 1 while the
+    cache: the KV cache, (B, S, H, K) per layer as `init_cache` and `prefill` make it (each
+      `decode` call works on a head-major copy and writes it back: the cache's memory twice
+      while it runs); cache["length"][b] = slots row b has filled (= n_B[b] - 1 while the
       row is inside the window: the last token is fed at the next step).
     token_B: each row's last token, the next one to feed. n_B: the row's tokens so far (kept
       prompt + generated, token_B included). n_new_B / max_new_B: generated so far / allowed.
@@ -209,13 +211,13 @@ def _decode_step(model, state: DecodeState, wte_T_DxVp, mats_T=None):
 
     wte_T_DxVp: the tied head's weight transposed (see `decode_weights`), for one row only.
     """
-    cache = state.cache
-    S = cache["k"][0].shape[1]
+    cache = state.cache  # head-major: (B, H, S, K) per layer (see _decode_loop)
+    S = cache["k"][0].shape[2]
     active_B = ~state.done_B
     pos_B = state.n_B - 1  # true position of the token being fed
     in_window_B = pos_B < S  # S < block_size implies every position fits (see generate)
     h_Bx1xD, new_cache = model(state.token_B[:, None], jnp.minimum(pos_B, S - 1)[:, None], cache,
-                               return_hidden=True, weights_T=mats_T)
+                               return_hidden=True, weights_T=mats_T, heads_major=True)
     V = model.cfg.vocab_size
     h_BxD = h_Bx1xD[:, 0]
     if h_BxD.shape[0] == 1:
@@ -300,10 +302,24 @@ def _decode_loop(graphdef, params, weights, state: DecodeState, n_steps: int,
         st, token_B, logits_BxV = _decode_step(nnx.merge(graphdef, p), st, wte_T_DxVp, mats_T)
         return st, (token_B, logits_BxV if return_logits else None)
 
+    # The steps run on a head-major copy of the cache, (B, H, S, K) per layer: one-token
+    # attention then reads each (row, head)'s S x K block contiguously (see
+    # model._decode_attention; 1.2-1.3x faster decode at 8 and 64 rows). The state keeps the
+    # (B, S, H, K) layout of prefill and `init_cache` between calls, so the two transposes of
+    # each layer's cache are paid once per call (n_steps tokens), not per token.
+    state = _with_cache_axes_swapped(state)
     state, (tokens_NxB, logits_NxBxV) = jax.lax.scan(body, state, None, length=n_steps)
+    state = _with_cache_axes_swapped(state)
     if return_logits:
         return state, tokens_NxB.T, jnp.swapaxes(logits_NxBxV, 0, 1)
     return state, tokens_NxB.T
+
+
+def _with_cache_axes_swapped(state: DecodeState) -> DecodeState:
+    """(B, S, H, K) <-> (B, H, S, K) for every layer's K and V."""
+    swap = lambda caches: [jnp.swapaxes(a, 1, 2) for a in caches]  # noqa: E731
+    cache = state.cache
+    return dataclasses.replace(state, cache=dict(cache, k=swap(cache["k"]), v=swap(cache["v"])))
 
 
 def decode(graphdef, params, state: DecodeState, n_steps: int, return_logits: bool = False,

@@ -23,6 +23,8 @@ The KV cache (see `init_cache`) is a plain pytree:
 keys/values at slots length[b] .. length[b]+T-1 of row b (each row at its own offset) and lets
 query t of row b attend to slots <= length[b]+t. Positions (for the position embedding) are
 passed separately, so they are the true token positions whatever a row's padding.
+One-token decode (`heads_major=True`) takes the same pytree with K/V transposed to
+(B, H, S, K): `generation._decode_loop` transposes it once per call, not per token.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ class GPT(nnx.Module):
 
     # ------------------------------------------------------------------ forward
     def __call__(self, tokens_BxT, positions_BxT=None, cache=None, attn_mask_BxS=None, *,
-                 dropout_key=None, return_hidden=False, weights_T=None, hidden_at_B=None):
+                 dropout_key=None, return_hidden=False, weights_T=None, hidden_at_B=None,
+                 heads_major=False):
         """Returns (logits_BxTxV float32, cache) — or (hidden_BxTxD, cache) with return_hidden.
 
         tokens_BxT: int ids. positions_BxT: true positions (default 0..T-1).
@@ -100,8 +103,11 @@ class GPT(nnx.Module):
         attn_mask_BxS: optional bool, False for key slots that must never be attended
           (S = T without a cache, the cache length with one); combined with causality.
         dropout_key: a PRNG key turns dropout on (training); None means deterministic.
-        weights_T: for one-token cached decode only, per layer a dict of the four weight
-          matrices transposed to (out, in) (see `_decode_block_T`); None to use the params.
+        heads_major: one-token decode (T == 1) on a cache whose K/V are (B, H, S, K), the
+          layout decode's loop keeps them in (see `generation._decode_loop`); the returned
+          cache stays head-major.
+        weights_T: with heads_major only, per layer a dict of the four weight matrices
+          transposed to (out, in) (see `_decode_block_T`); None to use the params.
         hidden_at_B: with return_hidden, only each row's hidden state at this index, (B, D):
           the final LayerNorm then runs on B tokens instead of B*T (prefill and the classifier
           need one token per row; at 64 prompts of 64 tokens the full LayerNorm took ~4% of a
@@ -123,7 +129,9 @@ class GPT(nnx.Module):
             S = T
             q_slot_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         else:
-            S = cache["k"][0].shape[1]
+            if heads_major and (T != 1 or train):
+                raise ValueError("heads_major is for one-token decode without dropout")
+            S = cache["k"][0].shape[2 if heads_major else 1]
             q_slot_BxT = cache["length"][:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         allowed_BxTxS = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= q_slot_BxT[:, :, None]
         if attn_mask_BxS is not None:
@@ -131,7 +139,7 @@ class GPT(nnx.Module):
 
         def layer(x_BxTxD, p, layer_key, kv_cache):
             return _block(cfg, dt, p, x_BxTxD, allowed_BxTxS, layer_key, kv_cache,
-                          None if cache is None else cache["length"])
+                          None if cache is None else cache["length"], heads_major)
 
         if cache is None and not train and dt == jnp.float32:
             # Same math as `_block`, with a hand-written backward that XLA:CPU runs much faster
@@ -148,7 +156,7 @@ class GPT(nnx.Module):
                 return x, None
             x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (blocks, jnp.arange(cfg.n_layer)))
             new_cache = None
-        elif weights_T is not None and T == 1 and not train:
+        elif weights_T is not None and heads_major:
             ks, vs = list(cache["k"]), list(cache["v"])
             x_DxB = x_BxTxD[:, 0].T
             for i in range(cfg.n_layer):
@@ -224,46 +232,45 @@ def _write_rows(cache_BxSxHxK, new_BxTxHxK, start_B):
         new_BxTxHxK.astype(cache_BxSxHxK.dtype), mode="drop")
 
 
-def _decode_attention(q_BxHxK, k_new_BxHxK, v_new_BxHxK, k_BxSxHxK, v_BxSxHxK, valid_BxS):
+def _decode_attention(q_BxHxK, k_new_BxHxK, v_new_BxHxK, k_BxHxSxK, v_BxHxSxK, valid_BxS):
     """One query per row against the cache as it was (slots where valid_BxS) plus the row's
     own new key/value -> (B, H, K) in v's dtype, with a float32 softmax.
 
-    Everything stays in the cache's (B, S, H*K) layout: a batched dot over (b, h) would first
-    transpose every layer's cache to (B, H, K, S), on every token. Forms measured on XLA:CPU:
-    - Scores are one matmul per row against the (HK, H) block-diagonal matrix holding head h's
-      query in column h: H times the per-head multiply-adds, and still 2x faster at one row
-      and 1.2x at 64 rows than the multiply-reduce over K, which runs unvectorised.
-    - Values: at one row, the (S, H) probabilities times the (S, HK) cache as one matmul, of
-      which head h keeps its own K columns. Above one row that becomes a slow non-library
-      batched dot, and the multiply-reduce over S (vectorised along H*K, the cache read once)
-      is faster: 1.2-1.3x for the whole decode step at 8 rows.
+    The cache is head-major here, (B, H, S, K), as decode keeps it (see
+    `generation._decode_loop`): every (row, head) reads one contiguous S x K block, so scores
+    and values are plain batched matrix-vector products with no wasted work. In the
+    (B, S, H, K) layout the best forms found did H times the multiply-adds (a per-row matmul
+    against a block-diagonal query) or ran unvectorised (multiply-reduce over K); the whole
+    decode step measured 1.2-1.3x faster head-major at 8 and 64 rows on XLA:CPU.
     """
-    B, S, H, K = k_BxSxHxK.shape
-    dt = v_BxSxHxK.dtype
+    K = k_BxHxSxK.shape[-1]
+    dt = v_BxHxSxK.dtype
     scale = 1.0 / math.sqrt(K)
-    eye_HxH = jnp.eye(H, dtype=dt)
-    q_bd_BxHKxH = (q_BxHxK.astype(dt)[:, :, :, None] * eye_HxH[None, :, None, :]).reshape(B, H * K, H)
-    s_BxSxH = jnp.einsum("bsc,bch->bsh", k_BxSxHxK.reshape(B, S, H * K), q_bd_BxHKxH,
+    s_BxHxS = jnp.einsum("bhsk,bhk->bhs", k_BxHxSxK, q_BxHxK.astype(dt),
                          preferred_element_type=jnp.float32)
-    s_BxSxH = jnp.where(valid_BxS[:, :, None], s_BxSxH * scale, _NEG)
+    s_BxHxS = jnp.where(valid_BxS[:, None, :], s_BxHxS * scale, _NEG)
     s_new_BxH = jnp.sum(q_BxHxK.astype(jnp.float32) * k_new_BxHxK.astype(jnp.float32), -1) * scale
-    m_BxH = jnp.maximum(jnp.max(s_BxSxH, axis=1), s_new_BxH)
-    e_BxSxH = jnp.exp(s_BxSxH - m_BxH[:, None])
+    m_BxH = jnp.maximum(jnp.max(s_BxHxS, axis=-1), s_new_BxH)
+    e_BxHxS = jnp.exp(s_BxHxS - m_BxH[..., None])
     e_new_BxH = jnp.exp(s_new_BxH - m_BxH)
-    inv_BxH = 1.0 / (jnp.sum(e_BxSxH, axis=1) + e_new_BxH)
-    if B == 1:
-        out_BxHxHK = jnp.einsum("bsh,bsc->bhc", e_BxSxH.astype(dt), v_BxSxHxK.reshape(B, S, H * K),
-                                preferred_element_type=jnp.float32)
-        y_BxHxK = jnp.sum(out_BxHxHK.reshape(B, H, H, K) * eye_HxH.astype(jnp.float32)[None, :, :, None], axis=2)
-    else:
-        y_BxHxK = jnp.sum(e_BxSxH.astype(dt)[..., None] * v_BxSxHxK, axis=1, dtype=jnp.float32)
+    inv_BxH = 1.0 / (jnp.sum(e_BxHxS, axis=-1) + e_new_BxH)
+    y_BxHxK = jnp.einsum("bhs,bhsk->bhk", e_BxHxS.astype(dt), v_BxHxSxK,
+                         preferred_element_type=jnp.float32)
     y_BxHxK = (y_BxHxK + e_new_BxH[..., None] * v_new_BxHxK.astype(jnp.float32)) * inv_BxH[..., None]
     return y_BxHxK.astype(dt)
 
 
-def _attend_then_write(q_Bx1xHxK, k_Bx1xHxK, v_Bx1xHxK, kv_cache, allowed_BxS, start_B, dt):
-    """One-token decode: attention over the cache as it was plus the new key/value, then the
-    new key/value written at each row's slot. Returns (y_BxHxK, (k_cache, v_cache)).
+def _write_slot(cache_BxHxSxK, new_BxHxK, slot_B):
+    """Write each row's new (H, K) entry at its own slot of a head-major cache (in place once
+    the cache is donated). A slot >= S is dropped, never clamped onto a valid one."""
+    rows_B = jnp.arange(new_BxHxK.shape[0], dtype=jnp.int32)
+    return cache_BxHxSxK.at[rows_B, :, slot_B].set(new_BxHxK.astype(cache_BxHxSxK.dtype), mode="drop")
+
+
+def _attend_then_write(q_BxHxK, k_BxHxK, v_BxHxK, kv_cache, allowed_BxS, start_B, dt):
+    """One-token decode against a head-major (B, H, S, K) cache: attention over the cache as
+    it was plus the new key/value, then the new key/value written at each row's slot.
+    Returns (y_BxHxK, (k_cache, v_cache)).
 
     The writes must come after the reads, or XLA has to copy each cache to update it in place
     (it did: ~4 copies of every layer's cache per token). JAX has no control dependencies and
@@ -271,16 +278,17 @@ def _attend_then_write(q_Bx1xHxK, k_Bx1xHxK, v_Bx1xHxK, kv_cache, allowed_BxS, s
     result: `0 * y` is not simplified away for floats (NaN semantics) and costs B*H*K flops.
     """
     k_old, v_old = kv_cache
-    S = k_old.shape[1]
+    S = k_old.shape[2]
     valid_BxS = allowed_BxS & (jnp.arange(S)[None, :] != start_B[:, None])
-    y_BxHxK = _decode_attention(q_Bx1xHxK[:, 0], k_Bx1xHxK[:, 0], v_Bx1xHxK[:, 0],
-                                k_old.astype(dt), v_old.astype(dt), valid_BxS)
-    dep_Bx1xHx1 = 0 * y_BxHxK[:, None, :, :1]
-    return y_BxHxK, (_write_rows(k_old, k_Bx1xHxK + dep_Bx1xHx1.astype(k_Bx1xHxK.dtype), start_B),
-                     _write_rows(v_old, v_Bx1xHxK + dep_Bx1xHx1.astype(v_Bx1xHxK.dtype), start_B))
+    y_BxHxK = _decode_attention(q_BxHxK, k_BxHxK, v_BxHxK, k_old.astype(dt), v_old.astype(dt),
+                                valid_BxS)
+    dep_BxHx1 = 0 * y_BxHxK[:, :, :1]
+    return y_BxHxK, (_write_slot(k_old, k_BxHxK + dep_BxHx1.astype(k_BxHxK.dtype), start_B),
+                     _write_slot(v_old, v_BxHxK + dep_BxHx1.astype(v_BxHxK.dtype), start_B))
 
 
-def _block(cfg: ModelConfig, dt, p, x_BxTxD, allowed_BxTxS, key, kv_cache, start_B):
+def _block(cfg: ModelConfig, dt, p, x_BxTxD, allowed_BxTxS, key, kv_cache, start_B,
+           heads_major=False):
     B, T, D = x_BxTxD.shape
     H, K = cfg.n_head, cfg.head_dim
     train = key is not None
@@ -290,13 +298,15 @@ def _block(cfg: ModelConfig, dt, p, x_BxTxD, allowed_BxTxS, key, kv_cache, start
     h = _layer_norm(x_BxTxD, p["ln1_scale"], get("ln1_bias")).astype(dt)
     qkv_BxTx3D = _linear(h, p["w_qkv"], get("b_qkv"), dt)
     q, k, v = (a.reshape(B, T, H, K) for a in jnp.split(qkv_BxTx3D, 3, axis=-1))
-    if kv_cache is not None and T == 1:
-        # One-token decode attends to the cache as it was (slots < length) plus the new key
-        # itself, and the write is a separate update that nothing in this step reads. Reading
-        # the just-written cache instead makes XLA:CPU fuse the write into the attention's
-        # operand, so each layer's cache is rewritten into a fresh buffer (and copied to keep
-        # the in-place update legal) on every token: ~4 cache copies per layer per step.
-        y_BxHxK, kv_cache = _attend_then_write(q, k, v, kv_cache, allowed_BxTxS[:, 0], start_B, dt)
+    if heads_major:
+        # One-token decode (T == 1) on decode's head-major cache: attends to the cache as it
+        # was (slots < length) plus the new key itself, and the write is a separate update
+        # that nothing in this step reads. Reading the just-written cache instead makes
+        # XLA:CPU fuse the write into the attention's operand, so each layer's cache is
+        # rewritten into a fresh buffer (and copied to keep the in-place update legal) on
+        # every token: ~4 cache copies per layer per step.
+        y_BxHxK, kv_cache = _attend_then_write(q[:, 0], k[:, 0], v[:, 0], kv_cache,
+                                               allowed_BxTxS[:, 0], start_B, dt)
         y_BxTxHxK = y_BxHxK[:, None]
     else:
         if kv_cache is not None:
@@ -348,7 +358,7 @@ def _decode_block_T(cfg: ModelConfig, dt, p, x_DxB, allowed_BxS, kv_cache, start
 
     h = ln(x_DxB, p["ln1_scale"], get("ln1_bias"))
     qkv_3DxB = lin(p["w_qkv_T"], h, get("b_qkv"))
-    q, k, v = (a.T.reshape(B, 1, H, K) for a in jnp.split(qkv_3DxB, 3, axis=0))
+    q, k, v = (a.T.reshape(B, H, K) for a in jnp.split(qkv_3DxB, 3, axis=0))
     y_BxHxK, kv_cache = _attend_then_write(q, k, v, kv_cache, allowed_BxS, start_B, dt)
     x_DxB = x_DxB + lin(p["w_attn_out_T"], y_BxHxK.reshape(B, D).T, get("b_attn_out"))
     h = ln(x_DxB, p["ln2_scale"], get("ln2_bias"))
