@@ -6,7 +6,7 @@ The pieces, usable on their own by callers that drive their own loop:
   prefill(graphdef, params, tokens_BxT, lengths_B, cache) -> (logits_BxV, cache)
   init_decode_state(logits_BxV, cache, tokens_BxT, lengths_B, ...) -> (DecodeState, token_B)
   decode(graphdef, params, state, n_steps, weights=None) -> (state, tokens_BxN)
-  decode_weights(graphdef, params) -> weights (build once, pass to every decode call)
+  decode_weights(graphdef, params, one_row) -> weights (build once, pass to every decode call)
 `generate()` wires them together; `logits()` is the cache-free reference forward.
 
 Design decisions (why, not what):
