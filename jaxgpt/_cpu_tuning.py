@@ -13,7 +13,8 @@ Skipped when the user already tunes malloc (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESH
 MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES set), when JAX_PLATFORMS names no cpu backend, when
 JAXGPT_NO_CPU_TUNING=1, and off glibc. XLA flags: none is set here. The ones tried for training
 on XLA:CPU (disabling YNNPACK fusions, oneDNN, XNNPACK dot fusions) measured within noise of the
-defaults once the training step itself stopped wasting work; see scripts/bench_train.py.
+defaults once the training step itself stopped wasting work; see scripts/bench_train.py and
+scripts/bench_matmul.py.
 """
 
 from __future__ import annotations
