@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt.config import Config
+from jaxgpt.config import Config, ModelConfig
 from jaxgpt.data import Batcher, Dataset, check_labels, check_task
 from jaxgpt.errors import UserError
 from jaxgpt.metrics import MetricsLogger, peak_flops
@@ -91,6 +91,10 @@ def run_training(cfg: Config, quiet: bool = False) -> dict:
     """Train as configured; returns the last metrics. Raises UserError on bad input."""
     devices = jax.local_devices()
     n_local, n_global = len(devices), jax.device_count()
+    # A config that cannot work fails before anything is read or prepared (preparing the default
+    # corpus takes minutes). With init_from the model comes from that checkpoint: checked later.
+    (cfg if cfg.init_from == "scratch" else dataclasses.replace(cfg, model=ModelConfig())
+     ).validate(n_global)
     meta = ensure_data(cfg)
     kind = meta.get("kind", "stream")
     check_task(cfg.task, kind)

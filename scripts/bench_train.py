@@ -112,7 +112,8 @@ def setup_torch(spec: dict):
     torch.set_num_threads(os.cpu_count() or 1)
     hf_cfg = GPT2Config(vocab_size=spec["vocab_size"], n_positions=spec["block_size"],
                         n_embd=spec["n_embd"], n_layer=spec["n_layer"], n_head=spec["n_head"],
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=None, eos_token_id=None)  # unused; 50256 is outside (a)/(b)'s vocab
     model = GPT2LMHeadModel(hf_cfg).float().train()
     params = list(model.parameters())  # tied wte/lm_head appears once
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": ref.weight_decay},

@@ -140,6 +140,17 @@ def test_train_cli_errors_are_one_line(data_dir, tmp_path, capsys, args, needle)
     assert not os.path.exists(out) or not any(d.isdigit() for d in os.listdir(out))
 
 
+def test_an_impossible_config_fails_before_any_data_work(tmp_path, capsys, monkeypatch):
+    import jaxgpt.trainer
+    default = tmp_path / "stdlib"  # stands in for the embedded corpus, prepared on first use
+    monkeypatch.setattr(jaxgpt.trainer, "DEFAULT_DATA", str(default))
+    code, err = _err(capsys, ["train", f"data={default}", f"out={tmp_path}/o", "model.n_embd=30"])
+    assert code == 2 and "not divisible by model.n_head" in err, err
+    assert not default.exists()  # the corpus was not prepared for a run that cannot start
+    code, err = _err(capsys, ["train", f"data={tmp_path}/missing", "batch_size=12"])
+    assert code == 2 and "not divisible" in err, err
+
+
 def test_other_cli_errors(tmp_path, capsys, data_dir):
     code, err = _err(capsys, ["train", "--config", "configs/nope.py"])
     assert code == 2 and "config file not found" in err
