@@ -93,8 +93,8 @@ def run_training(cfg: Config, quiet: bool = False) -> dict:
     n_local, n_global = len(devices), jax.device_count()
     # A config that cannot work fails before anything is read or prepared (preparing the default
     # corpus takes minutes). With init_from the model comes from that checkpoint: checked later.
-    (cfg if cfg.init_from == "scratch" else dataclasses.replace(cfg, model=ModelConfig())
-     ).validate(n_global)
+    early = cfg if cfg.init_from == "scratch" else dataclasses.replace(cfg, model=ModelConfig())
+    early.validate(n_global)
     meta = ensure_data(cfg)
     kind = meta.get("kind", "stream")
     check_task(cfg.task, kind)
