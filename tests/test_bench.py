@@ -47,7 +47,7 @@ def test_host_blas_custom_call_is_the_product(host_gemm, ta, tb):
 def test_host_blas_step_routes_every_linear_product_and_matches(host_gemm):
     import numpy as np
     import bench_host_blas
-    spec = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=2, vocab_size=65)
+    spec = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=2, vocab_size=65)
     host_gemm.calls.clear()
     _, host = bench_host_blas.build(spec, host_gemm)  # compiles and runs one step
     # 4 linear layers x (forward, input gradient, weight gradient) per block, 3 for the head
