@@ -163,15 +163,23 @@ def _choose(mngr, ckpt_dir, step, best: bool) -> tuple[int, dict]:
     return chosen, meta
 
 
-def load_model(ckpt_dir: str, step: int | None = None, dtype=None):
-    """Restore params only, with the config stored in the checkpoint: (model, Config, meta)."""
+def load_model(ckpt_dir: str, step: int | None = None, dtype=None, attention: str = "auto"):
+    """Restore params only, with the config stored in the checkpoint: (model, Config, meta).
+
+    dtype: the compute dtype to serve in (default: the run's `dtype`, whose "auto" means
+    bfloat16 on GPU/TPU, float32 on CPU); params stay float32 whatever it is. attention: the
+    backend (default auto: the best for this platform, whatever the run trained with).
+    """
     from jaxgpt.model import abstract_model
 
     mngr = _open(ckpt_dir)
     try:
         chosen, meta = _choose(mngr, ckpt_dir, step, best=True)
         cfg = Config.from_dict(meta["config"])
-        model = abstract_model(cfg.model, dtype or cfg.dtype)
+        try:
+            model = abstract_model(cfg.model, dtype or cfg.dtype, attention)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"cannot serve {ckpt_dir} that way: {e}") from None
         target = _abstract(model_params(model))
         try:
             params = mngr.restore(chosen, args=ocp.args.Composite(

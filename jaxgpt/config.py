@@ -57,8 +57,45 @@ class ModelConfig:
             raise UserError(f"model.n_classes must be >= 0, got {self.n_classes}")
 
 
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh of `parallel=mesh` (see jaxgpt/train/parallel.py): axis sizes whose product is
+    the global device count; one of them may be -1, "the rest of the devices"."""
+    data: int = -1  # pure data parallelism: params replicated, batch split
+    fsdp: int = 1  # ZeRO-3: params, grads and optimizer state sharded; batch split too
+    tensor: int = 1  # Megatron tensor parallelism inside each block
+
+    def sizes(self, n_devices: int) -> dict:
+        """{'data', 'fsdp', 'tensor'} -> size, with -1 resolved; UserError if impossible."""
+        raw = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        bad = {k: v for k, v in raw.items() if v == 0 or v < -1}
+        if bad:
+            raise UserError(f"mesh axis sizes must be >= 1 or -1, got "
+                            + ", ".join(f"mesh.{k}={v}" for k, v in bad.items()))
+        rest = [k for k, v in raw.items() if v == -1]
+        if len(rest) > 1:
+            raise UserError(f"only one mesh axis may be -1, got {', '.join('mesh.' + k for k in rest)}")
+        known = 1
+        for k, v in raw.items():
+            known *= v if v != -1 else 1
+        if rest:
+            if n_devices % known:
+                raise UserError(f"the mesh needs a multiple of {known} devices "
+                                f"(mesh.data x mesh.fsdp x mesh.tensor), but there are {n_devices}")
+            raw[rest[0]] = n_devices // known
+        elif known != n_devices:
+            raise UserError(f"mesh.data x mesh.fsdp x mesh.tensor = {raw['data']} x {raw['fsdp']} x "
+                            f"{raw['tensor']} = {known}, but there are {n_devices} devices")
+        return raw
+
+
 TASKS = ("lm", "sft", "classify")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
+ATTENTION = ("auto", "xla", "cudnn", "cpu")
+REMAT = ("none", "dots", "full")
+PARALLEL = ("pmap", "mesh")
+DISTRIBUTED = ("auto", "on", "off")
+NAN_POLICIES = ("stop", "skip")
 FREEZE = ("none", "body")
 
 
@@ -86,7 +123,17 @@ class Config:
     save_interval: int = 500
     keep: int = 2
     seed: int = 1337
-    dtype: str = "float32"  # compute dtype; params and optimizer state stay float32
+    dtype: str = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU; params stay float32
+    attention: str = "auto"  # auto | xla | cudnn | cpu (see jaxgpt/attention.py)
+    remat: str = "none"  # none | dots | full: what the backward recomputes (see jaxgpt/model.py)
+    parallel: str = "pmap"  # pmap (replicated data parallel) | mesh (jit over a device mesh)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: str = "auto"  # auto | on | off: call jax.distributed.initialize() (multi-host)
+    coordinator: str = ""  # HOST:PORT of process 0 (distributed=on; else from the environment)
+    num_processes: int = 0  # 0 = from the environment / cluster
+    process_id: int = -1  # -1 = from the environment / cluster
+    nan_policy: str = "stop"  # stop | skip: what a non-finite loss or gradient norm does
+    nan_max_skips: int = 10  # nan_policy=skip: stop after this many consecutive skipped steps
     resume: str = "auto"  # auto | never
     tensorboard: bool = False
     wandb: bool = False
@@ -98,8 +145,11 @@ class Config:
         self.model.validate()
         if self.task not in TASKS:
             raise UserError(f"task must be one of {list(TASKS)}, got {self.task!r}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        for name, allowed in (("dtype", DTYPES), ("attention", ATTENTION), ("remat", REMAT),
+                              ("parallel", PARALLEL), ("distributed", DISTRIBUTED),
+                              ("nan_policy", NAN_POLICIES)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.resume not in ("auto", "never"):
             raise UserError(f"resume must be 'auto' or 'never', got {self.resume!r}")
         if self.freeze not in FREEZE:
@@ -110,9 +160,11 @@ class Config:
                      "eval_steps", "save_interval", "keep"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "decay_steps", "early_stop_patience"):
+        for name in ("warmup_steps", "decay_steps", "early_stop_patience", "num_processes"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.nan_max_skips < 1:
+            raise UserError(f"nan_max_skips must be >= 1, got {self.nan_max_skips}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise UserError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -139,17 +191,22 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         d = dict(d)
-        model = ModelConfig(**{k: v for k, v in d.pop("model", {}).items() if k in _field_names(ModelConfig)})
-        return cls(model=model, **{k: v for k, v in d.items() if k in _field_names(cls)})
+        nested = {name: sub(**{k: v for k, v in (d.pop(name, None) or {}).items()
+                               if k in _field_names(sub)})
+                  for name, sub in _NESTED.items()}
+        return cls(**nested, **{k: v for k, v in d.items() if k in _field_names(cls)})
 
 
 def _field_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+_NESTED = {"model": ModelConfig, "mesh": MeshConfig}  # dotted keys: model.n_layer, mesh.fsdp
+
+
 def valid_keys() -> list[str]:
-    keys = [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)]
-    keys += [f.name for f in dataclasses.fields(Config) if f.name != "model"]
+    keys = [f"{name}.{f.name}" for name, sub in _NESTED.items() for f in dataclasses.fields(sub)]
+    keys += [f.name for f in dataclasses.fields(Config) if f.name not in _NESTED]
     return keys
 
 
@@ -182,20 +239,22 @@ def _coerce(key: str, raw, typ):
 
 def apply_overrides(cfg: Config, overrides: dict) -> Config:
     """Apply {dotted_key: value} overrides; unknown keys and wrong types are UserErrors."""
-    hints_model = typing.get_type_hints(ModelConfig)
     hints = typing.get_type_hints(Config)
-    model_kw, top_kw = {}, {}
+    nested_kw = {name: {} for name in _NESTED}
+    top_kw = {}
     for key, raw in overrides.items():
-        if key.startswith("model."):
-            name = key[len("model."):]
-            if name not in hints_model:
+        group, _, name = key.partition(".")
+        if name and group in _NESTED:
+            sub_hints = typing.get_type_hints(_NESTED[group])
+            if name not in sub_hints:
                 raise UserError(f"unknown key {key!r}; valid keys: {', '.join(valid_keys())}")
-            model_kw[name] = _coerce(key, raw, hints_model[name])
+            nested_kw[group][name] = _coerce(key, raw, sub_hints[name])
         else:
-            if key not in hints or key == "model":
+            if key not in hints or key in _NESTED:
                 raise UserError(f"unknown key {key!r}; valid keys: {', '.join(valid_keys())}")
             top_kw[key] = _coerce(key, raw, hints[key])
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model_kw), **top_kw)
+    nested = {name: dataclasses.replace(getattr(cfg, name), **kw) for name, kw in nested_kw.items()}
+    return dataclasses.replace(cfg, **nested, **top_kw)
 
 
 def parse_cli_overrides(args: list[str]) -> dict:

@@ -1,30 +1,49 @@
-"""GPT-2 architecture in Flax NNX, with an explicit KV cache in and out of the forward pass.
+"""GPT-2 architecture in Flax NNX: parameters with logical axis names, and its forward modes.
 
-Shapes in names: B batch, T new tokens, S cache length, D n_embd, H heads, K head dim,
+Shapes in names: B batch, T new tokens, S cache slots, D n_embd, H heads, K head dim, F 4*D,
 L layers, V real vocabulary, Vp padded vocabulary, C classes.
 
+Entry points (one job each; `_block` is the one block implementation under all of them):
+    hidden(tokens_BxT, dropout_key=None)            -> h_BxTxD   causal forward, no cache
+    hidden_at(tokens_BxT, index_B)                  -> h_BxD     the same, one token per row
+    logits(tokens_BxT)                              -> logits_BxTxV (float32)
+    prefill(tokens_BxT, lengths_B, cache)           -> (h_BxD at each row's last token, cache)
+    extend(tokens_BxT, cache)                       -> (h_BxTxD, cache)
+    decode_step(token_B, positions_B, cache, layers=None) -> (h_BxD, cache)
+    head(h_xD)                                      -> logits (float32, real vocabulary)
+    classify(tokens_BxT, lengths_B, dropout_key=None) -> class logits_BxC
+Every h is after the final LayerNorm, in the compute dtype.
+
+Compute choices are fixed when the model is built (`create_model`) and are part of its graph,
+so jit specialises on them: `dtype` (compute; params stay float32; LayerNorm, softmax and logits
+are float32 whatever it is), `attention` (the backend, see jaxgpt/attention.py; "auto" is
+resolved on the current platform) and `remat` (what the backward recomputes):
+    none  every intermediate the backward needs is stored;
+    dots  each block runs under `jax.checkpoint` with the policy
+          `dots_with_no_batch_dims_saveable`: the outputs of the weight matmuls are stored,
+          attention (its batched products and softmax), LayerNorm and GELU are recomputed;
+    full  `nothing_saveable`: only each block's input is stored, the whole block is recomputed.
+
 Layout decisions:
-- Every block parameter is stacked on a leading layer axis (`Blocks`). Training runs the layers
-  under `jax.lax.scan`: on XLA:CPU an unrolled Python loop makes the backward pass accumulate the
-  residual-stream cotangents in fusions whose size grows with depth (quadratic work), and scan
-  also halves compile time. With a KV cache (inference, no backward) the layers are unrolled
-  instead, so each layer's cache buffer is updated in place and weights are read without
-  dynamic slicing.
-- Weight matrices are stored (in, out) with q, k, v fused in one (D, 3D) projection: the same
-  layout as OpenAI/HF GPT-2 `Conv1D`, so their checkpoints load with no transposes.
-- The embedding table is padded to a multiple of 64 rows (tiling), but logits are returned for
-  the real vocabulary only, so a padded id can never be predicted or sampled.
-- Params are float32; `dtype` is the compute dtype (bfloat16 for mixed precision). LayerNorm,
-  softmax and the logits are always computed in float32.
+- Every block parameter is stacked on a leading layer axis (`Blocks`), and the no-cache forward
+  runs the layers under `jax.lax.scan`: one compiled block, and (on XLA:CPU at least) no
+  depth-squared residual-gradient fusions in the backward. With a KV cache the layers are
+  unrolled, so each layer's cache buffer is updated in place.
+- Weight matrices are stored (in, out) with q, k, v fused in one (D, 3D) projection: the layout
+  of OpenAI/HF GPT-2 `Conv1D`, so their checkpoints load with no transposes.
+- The embedding table is padded to a multiple of 64 rows (tiling); logits cover the real
+  vocabulary only, so a padded id can never be predicted or sampled.
+- Every parameter carries its logical axis names (metadata `logical_axes`, see `logical_axes`):
+  the one place sharding is declared; jaxgpt/train/parallel.py maps them to mesh axes.
+- The `cpu` backend's kernels (jaxgpt/kernels/) replace the no-cache stack and the training
+  loss, and generation's decode loop (one-token steps); everything else is this file.
 
 The KV cache (see `init_cache`) is a plain pytree:
     {"k": [L x (B, S, H, K)], "v": [L x (B, S, H, K)], "length": (B,) int32}
-`length[b]` is the number of cache slots row b has filled. A call with a cache writes its T new
-keys/values at slots length[b] .. length[b]+T-1 of row b (each row at its own offset) and lets
-query t of row b attend to slots <= length[b]+t. Positions (for the position embedding) are
-passed separately, so they are the true token positions whatever a row's padding.
-One-token decode (`heads_major=True`) takes the same pytree with K/V transposed to
-(B, H, S, K): `generation._decode_loop` transposes it once per call, not per token.
+`length[b]` is the number of slots row b has filled. A cached call writes its T new keys/values
+at slots length[b] .. length[b]+T-1 of row b (each row at its own offset; slots >= S are
+dropped), lets query t of row b attend to slots <= length[b]+t, and advances length by T.
+Slots past `length` are never read, so rolling a row back is only lowering its length.
 """
 
 from __future__ import annotations
@@ -35,23 +54,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt import fused_stack
+from jaxgpt import attention as attn
 from jaxgpt.config import ModelConfig
 
 LN_EPS = 1e-5
-_NEG = -1e30  # finite "minus infinity" for masked attention scores (no NaN on empty rows)
+REMAT = ("none", "dots", "full")
 
 
-def _normal(rngs: nnx.Rngs, std: float, shape) -> nnx.Param:
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
+def _param(value, axes) -> nnx.Param:
+    return nnx.Param(value, logical_axes=axes)
 
 
-def _zeros(shape) -> nnx.Param:
-    return nnx.Param(jnp.zeros(shape, jnp.float32))
+def _normal(rngs: nnx.Rngs, std: float, shape, axes) -> nnx.Param:
+    return _param(std * jax.random.normal(rngs.params(), shape, jnp.float32), axes)
 
 
-def _ones(shape) -> nnx.Param:
-    return nnx.Param(jnp.ones(shape, jnp.float32))
+def _const(fill: float, shape, axes) -> nnx.Param:
+    return _param(jnp.full(shape, fill, jnp.float32), axes)
 
 
 class Blocks(nnx.Module):
@@ -60,128 +79,152 @@ class Blocks(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         L, D = cfg.n_layer, cfg.n_embd
         std, proj_std = 0.02, 0.02 / math.sqrt(2 * L)  # GPT-2: scale residual projections
-        self.ln1_scale = _ones((L, D))
-        self.w_qkv = _normal(rngs, std, (L, D, 3 * D))
-        self.w_attn_out = _normal(rngs, proj_std, (L, D, D))
-        self.ln2_scale = _ones((L, D))
-        self.w_fc = _normal(rngs, std, (L, D, 4 * D))
-        self.w_mlp_out = _normal(rngs, proj_std, (L, 4 * D, D))
+        # Logical axes: "qkv" and "mlp" are the column-parallel outputs, "heads" the attention
+        # output's input (row-parallel); "embed" is the residual width.
+        self.ln1_scale = _const(1.0, (L, D), ("layers", "norm"))
+        self.w_qkv = _normal(rngs, std, (L, D, 3 * D), ("layers", "embed", "qkv"))
+        self.w_attn_out = _normal(rngs, proj_std, (L, D, D), ("layers", "heads", "embed"))
+        self.ln2_scale = _const(1.0, (L, D), ("layers", "norm"))
+        self.w_fc = _normal(rngs, std, (L, D, 4 * D), ("layers", "embed", "mlp"))
+        self.w_mlp_out = _normal(rngs, proj_std, (L, 4 * D, D), ("layers", "mlp", "embed"))
         if cfg.bias:
-            self.ln1_bias = _zeros((L, D))
-            self.b_qkv = _zeros((L, 3 * D))
-            self.b_attn_out = _zeros((L, D))
-            self.ln2_bias = _zeros((L, D))
-            self.b_fc = _zeros((L, 4 * D))
-            self.b_mlp_out = _zeros((L, D))
+            self.ln1_bias = _const(0.0, (L, D), ("layers", "norm"))
+            self.b_qkv = _const(0.0, (L, 3 * D), ("layers", "qkv"))
+            self.b_attn_out = _const(0.0, (L, D), ("layers", "norm"))
+            self.ln2_bias = _const(0.0, (L, D), ("layers", "norm"))
+            self.b_fc = _const(0.0, (L, 4 * D), ("layers", "mlp"))
+            self.b_mlp_out = _const(0.0, (L, D), ("layers", "norm"))
 
 
 class GPT(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype="float32", attention="xla",
+                 remat="none"):
+        if remat not in REMAT:
+            raise ValueError(f"remat must be one of {list(REMAT)}, got {remat!r}")
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
+        self.attention = attention  # a concrete backend: see create_model
+        self.remat = remat
         D = cfg.n_embd
-        self.wte = _normal(rngs, 0.02, (cfg.padded_vocab, D))  # tied with the LM head
-        self.wpe = _normal(rngs, 0.02, (cfg.block_size, D))
+        self.wte = _normal(rngs, 0.02, (cfg.padded_vocab, D), ("vocab", "embed"))  # tied LM head
+        self.wpe = _normal(rngs, 0.02, (cfg.block_size, D), ("positions", "embed"))
         self.blocks = Blocks(cfg, rngs)
-        self.ln_f_scale = _ones((D,))
+        self.ln_f_scale = _const(1.0, (D,), ("norm",))
         if cfg.bias:
-            self.ln_f_bias = _zeros((D,))
+            self.ln_f_bias = _const(0.0, (D,), ("norm",))
         if cfg.n_classes:
             # Fresh classification head on the last real token's hidden state (task=classify).
-            self.cls_w = _normal(rngs, 0.02, (D, cfg.n_classes))
-            self.cls_b = _zeros((cfg.n_classes,))
+            self.cls_w = _normal(rngs, 0.02, (D, cfg.n_classes), ("embed", "classes"))
+            self.cls_b = _const(0.0, (cfg.n_classes,), ("classes",))
 
-    # ------------------------------------------------------------------ forward
-    def __call__(self, tokens_BxT, positions_BxT=None, cache=None, attn_mask_BxS=None, *,
-                 dropout_key=None, return_hidden=False, weights_T=None, hidden_at_B=None,
-                 heads_major=False):
-        """Returns (logits_BxTxV float32, cache) — or (hidden_BxTxD, cache) with return_hidden.
+    # ------------------------------------------------------------------ no-cache forward
+    def hidden(self, tokens_BxT, *, dropout_key=None):
+        """Causal forward of full sequences (training, eval): final hidden states (B, T, D)."""
+        return self._final_norm(self._stack(tokens_BxT, dropout_key))
 
-        tokens_BxT: int ids. positions_BxT: true positions (default 0..T-1).
-        cache: None for a plain causal forward (training), else the pytree from `init_cache`;
-          the returned cache has the new keys/values written and length advanced by T.
-        attn_mask_BxS: optional bool, False for key slots that must never be attended
-          (S = T without a cache, the cache length with one); combined with causality.
-        dropout_key: a PRNG key turns dropout on (training); None means deterministic.
-        heads_major: one-token decode (T == 1) on a cache whose K/V are (B, H, S, K), the
-          layout decode's loop keeps them in (see `generation._decode_loop`); the returned
-          cache stays head-major.
-        weights_T: with heads_major only, per layer a dict of the four weight matrices
-          transposed to (out, in) (see `_decode_block_T`); None to use the params.
-        hidden_at_B: with return_hidden, only each row's hidden state at this index, (B, D):
-          the final LayerNorm then runs on B tokens instead of B*T (prefill and the classifier
-          need one token per row; at 64 prompts of 64 tokens the full LayerNorm took ~4% of a
-          GPT-2 124M prefill).
-        """
+    def hidden_at(self, tokens_BxT, index_B, *, dropout_key=None):
+        """`hidden` at one position per row, (B, D): the final LayerNorm runs on B tokens
+        instead of B*T (the classifier and the sliding-window recompute read one token)."""
+        x_BxTxD = self._stack(tokens_BxT, dropout_key)
+        x_BxD = jnp.take_along_axis(x_BxTxD, index_B[:, None, None], axis=1)[:, 0]
+        return self._final_norm(x_BxD)
+
+    def logits(self, tokens_BxT):
+        """Float32 logits over the real vocabulary at every position, (B, T, V)."""
+        return self.head(self.hidden(tokens_BxT))
+
+    def _stack(self, tokens_BxT, dropout_key):
         cfg, dt = self.cfg, self.dtype
         B, T = tokens_BxT.shape
-        if positions_BxT is None:
-            positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         train = dropout_key is not None and cfg.dropout > 0
+        x_BxTxD = self._embed(tokens_BxT, jnp.arange(T, dtype=jnp.int32)[None, :], dropout_key)
+        blocks = self._blocks()
+        if self.attention == "cpu" and not train:
+            from jaxgpt.kernels import cpu_stack  # the CPU backend's kernel (hand-written VJP)
+            return cpu_stack.stack(blocks, x_BxTxD, cfg.n_head)
 
-        x_BxTxD = self.wte[...][tokens_BxT] + self.wpe[...][positions_BxT]
-        if train:
-            x_BxTxD = _dropout(x_BxTxD, cfg.dropout, jax.random.fold_in(dropout_key, 1 << 20))
-        x_BxTxD = x_BxTxD.astype(dt)
-        blocks = {k: v[...] for k, v in nnx.to_pure_dict(nnx.state(self.blocks)).items()}
+        def attend(q, k, v, key):
+            y = attn.attend(q, k, v, backend=self.attention, is_causal=True,
+                            dropout_rate=cfg.dropout if train else 0.0,
+                            dropout_key=None if key is None else jax.random.fold_in(key, 0))
+            return y, None
 
-        if cache is None:
-            S = T
-            q_slot_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        else:
-            if heads_major and (T != 1 or train):
-                raise ValueError("heads_major is for one-token decode without dropout")
-            S = cache["k"][0].shape[2 if heads_major else 1]
-            q_slot_BxT = cache["length"][:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-        allowed_BxTxS = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= q_slot_BxT[:, :, None]
-        if attn_mask_BxS is not None:
-            allowed_BxTxS = allowed_BxTxS & attn_mask_BxS[:, None, :].astype(bool)
+        def body(x, xs):
+            p, i = xs
+            key = jax.random.fold_in(dropout_key, i) if train else None
+            return _block(cfg, dt, p, x, attend, key)[0], None
 
-        def layer(x_BxTxD, p, layer_key, kv_cache):
-            return _block(cfg, dt, p, x_BxTxD, allowed_BxTxS, layer_key, kv_cache,
-                          None if cache is None else cache["length"], heads_major)
+        if self.remat != "none":
+            policy = {"dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                      "full": jax.checkpoint_policies.nothing_saveable}[self.remat]
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (blocks, jnp.arange(cfg.n_layer)))
+        return x_BxTxD
 
-        if cache is None and not train and dt == jnp.float32:
-            # Same math as `_block`, with a hand-written backward that XLA:CPU runs much faster
-            # than the scan's autodiff (see jaxgpt/fused_stack.py).
-            x_BxTxD = fused_stack.stack(blocks, x_BxTxD,
-                                        None if attn_mask_BxS is None else allowed_BxTxS, cfg.n_head)
-            new_cache = None
-        elif cache is None:
-            # Scan over stacked layers (see module docstring for why).
-            def body(x, xs):
-                p, i = xs
-                key = jax.random.fold_in(dropout_key, i) if train else None
-                x, _ = layer(x, p, key, None)
-                return x, None
-            x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (blocks, jnp.arange(cfg.n_layer)))
-            new_cache = None
-        elif weights_T is not None and heads_major:
-            ks, vs = list(cache["k"]), list(cache["v"])
-            x_DxB = x_BxTxD[:, 0].T
-            for i in range(cfg.n_layer):
-                p = dict(jax.tree.map(lambda a: a[i], blocks), **weights_T[i])
-                x_DxB, (ks[i], vs[i]) = _decode_block_T(cfg, dt, p, x_DxB, allowed_BxTxS[:, 0],
-                                                        (ks[i], vs[i]), cache["length"])
-            x_BxTxD = x_DxB.T[:, None]
-            new_cache = {"k": ks, "v": vs, "length": cache["length"] + T}
-        else:
-            ks, vs = list(cache["k"]), list(cache["v"])
-            for i in range(cfg.n_layer):
-                p = jax.tree.map(lambda a: a[i], blocks)
-                key = jax.random.fold_in(dropout_key, i) if train else None
-                x_BxTxD, (ks[i], vs[i]) = layer(x_BxTxD, p, key, (ks[i], vs[i]))
-            new_cache = {"k": ks, "v": vs, "length": cache["length"] + T}
+    # ------------------------------------------------------------------ cached forward
+    def prefill(self, tokens_BxT, lengths_B, cache):
+        """Write each row's prompt into the cache and return its last token's hidden state.
 
-        if return_hidden and hidden_at_B is not None:
-            x_BxD = jnp.take_along_axis(x_BxTxD, hidden_at_B[:, None, None], axis=1)[:, 0]
-            return _layer_norm(x_BxD, self.ln_f_scale[...], self._get("ln_f_bias")).astype(dt), new_cache
-        h_BxTxD = _layer_norm(x_BxTxD, self.ln_f_scale[...], self._get("ln_f_bias")).astype(dt)
-        if return_hidden:
-            return h_BxTxD, new_cache
-        logits_BxTxVp = jnp.einsum("btd,vd->btv", h_BxTxD, self.wte[...].astype(dt),
-                                   preferred_element_type=jnp.float32)
-        return logits_BxTxVp[..., :cfg.vocab_size], new_cache
+        tokens_BxT: right-padded prompts; lengths_B: real tokens per row (>= 1). The cache may
+        be partly filled: each row continues at its own length, at positions length + t.
+        Returns (h_BxD at token lengths_B - 1, cache with length advanced by lengths_B). The
+        padding's entries are written too; they sit past the new length, so nothing reads them.
+        """
+        start_B = cache["length"]
+        x_BxTxD, cache = self._cached_stack(tokens_BxT, cache)
+        x_BxD = jnp.take_along_axis(x_BxTxD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+        return self._final_norm(x_BxD), dict(cache, length=start_B + lengths_B)
+
+    def extend(self, tokens_BxT, cache):
+        """Feed T tokens per row after its cached ones: hidden states at all T positions
+        (speculative decoding's verification pass), cache length advanced by T."""
+        x_BxTxD, cache = self._cached_stack(tokens_BxT, cache)
+        return self._final_norm(x_BxTxD), cache
+
+    def _cached_stack(self, tokens_BxT, cache):
+        cfg, dt = self.cfg, self.dtype
+        B, T = tokens_BxT.shape
+        S = cache["k"][0].shape[1]
+        start_B = cache["length"]
+        slot_BxT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        # Per-row offsets are not expressible as is_causal (which aligns query 0 with key 0):
+        # a dense (B, T, S) mask, at T = a prompt bucket or a few draft tokens.
+        mask_BxTxS = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= slot_BxT[:, :, None]
+        x_BxTxD = self._embed(tokens_BxT, jnp.minimum(slot_BxT, cfg.block_size - 1), None)
+        ks, vs = list(cache["k"]), list(cache["v"])
+        for i, p in enumerate(self.layer_params()):
+            def attend(q, k, v, _key, i=i):
+                ks[i], vs[i] = _write_rows(ks[i], k, start_B), _write_rows(vs[i], v, start_B)
+                return attn.attend(q, ks[i], vs[i], backend=self.attention,
+                                   mask_BxTxS=mask_BxTxS), None
+            x_BxTxD, _ = _block(cfg, dt, p, x_BxTxD, attend, None)
+        return x_BxTxD, {"k": ks, "v": vs, "length": start_B + T}
+
+    def decode_step(self, token_B, positions_B, cache, layers=None):
+        """One token per row at its true position: (h_BxD, cache with length + 1).
+
+        layers: `layer_params()` built once by the caller (decode calls this per token; the
+        per-layer slices of the stacked params would otherwise be cut again every step).
+        Attention reads the cache as a right-padded sequence: row b's first length[b] + 1 slots.
+        """
+        cfg, dt = self.cfg, self.dtype
+        start_B = cache["length"]
+        x_Bx1xD = self._embed(token_B[:, None], positions_B[:, None], None)
+        ks, vs = list(cache["k"]), list(cache["v"])
+        for i, p in enumerate(layers if layers is not None else self.layer_params()):
+            def attend(q, k, v, _key, i=i):
+                ks[i], vs[i] = _write_rows(ks[i], k, start_B), _write_rows(vs[i], v, start_B)
+                return attn.attend(q, ks[i], vs[i], backend=self.attention,
+                                   kv_lengths_B=start_B + 1), None
+            x_Bx1xD, _ = _block(cfg, dt, p, x_Bx1xD, attend, None)
+        return self._final_norm(x_Bx1xD[:, 0]), {"k": ks, "v": vs, "length": start_B + 1}
+
+    # ------------------------------------------------------------------ heads
+    def head(self, h_xD):
+        """Tied LM head: float32 logits over the real vocabulary (padded ids never appear)."""
+        logits = jnp.einsum("...d,vd->...v", h_xD.astype(self.dtype), self.wte[...].astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        return logits[..., :self.cfg.vocab_size]
 
     def classify(self, tokens_BxT, lengths_B, *, dropout_key=None):
         """Class logits (B, C) from the hidden state of each row's last real token.
@@ -189,11 +232,30 @@ class GPT(nnx.Module):
         Rows are right-padded; lengths_B counts the real tokens (>= 1). Causal attention means
         the padding after a row's last token cannot change that token's hidden state.
         """
-        last_BxD, _ = self(tokens_BxT, dropout_key=dropout_key, return_hidden=True,
-                           hidden_at_B=lengths_B - 1)
+        last_BxD = self.hidden_at(tokens_BxT, lengths_B - 1, dropout_key=dropout_key)
         if dropout_key is not None and self.cfg.dropout > 0:
             last_BxD = _dropout(last_BxD, self.cfg.dropout, jax.random.fold_in(dropout_key, 1 << 21))
         return (last_BxD.astype(jnp.float32) @ self.cls_w[...]) + self.cls_b[...]
+
+    # ------------------------------------------------------------------ pieces
+    def layer_params(self) -> list[dict]:
+        """Per-layer parameter dicts: matrices and biases in the compute dtype (cast once),
+        LayerNorm parameters float32."""
+        blocks = self._blocks()
+        return [{name: (a[i].astype(self.dtype) if name.startswith(("w_", "b_")) else a[i])
+                 for name, a in blocks.items()} for i in range(self.cfg.n_layer)]
+
+    def _blocks(self) -> dict:
+        return {k: v[...] for k, v in nnx.to_pure_dict(nnx.state(self.blocks)).items()}
+
+    def _embed(self, tokens_BxT, positions_BxT, dropout_key):
+        x_BxTxD = self.wte[...][tokens_BxT] + self.wpe[...][positions_BxT]
+        if dropout_key is not None and self.cfg.dropout > 0:
+            x_BxTxD = _dropout(x_BxTxD, self.cfg.dropout, jax.random.fold_in(dropout_key, 1 << 20))
+        return x_BxTxD.astype(self.dtype)
+
+    def _final_norm(self, x_xD):
+        return _layer_norm(x_xD, self.ln_f_scale[...], self._get("ln_f_bias")).astype(self.dtype)
 
     def _get(self, name):
         p = getattr(self, name, None)
@@ -232,138 +294,29 @@ def _write_rows(cache_BxSxHxK, new_BxTxHxK, start_B):
         new_BxTxHxK.astype(cache_BxSxHxK.dtype), mode="drop")
 
 
-def _decode_attention(q_BxHxK, k_new_BxHxK, v_new_BxHxK, k_BxHxSxK, v_BxHxSxK, valid_BxS):
-    """One query per row against the cache as it was (slots where valid_BxS) plus the row's
-    own new key/value -> (B, H, K) in v's dtype, with a float32 softmax.
+def _block(cfg: ModelConfig, dt, p, x_BxTxD, attend, key):
+    """One transformer block: x + attn(ln1(x)), then + mlp(ln2(.)), with dropout when `key`.
 
-    The cache is head-major here, (B, H, S, K), as decode keeps it (see
-    `generation._decode_loop`): every (row, head) reads one contiguous S x K block, so scores
-    and values are plain batched matrix-vector products with no wasted work. In the
-    (B, S, H, K) layout the best forms found did H times the multiply-adds (a per-row matmul
-    against a block-diagonal query) or ran unvectorised (multiply-reduce over K); the whole
-    decode step measured 1.2-1.3x faster head-major at 8 and 64 rows on XLA:CPU.
+    attend(q, k, v, key) -> (y_BxTxHxK, aux) is the mode's attention: causal over the T
+    tokens themselves (no cache), or write-then-attend over a layer's KV cache.
     """
-    K = k_BxHxSxK.shape[-1]
-    dt = v_BxHxSxK.dtype
-    scale = 1.0 / math.sqrt(K)
-    s_BxHxS = jnp.einsum("bhsk,bhk->bhs", k_BxHxSxK, q_BxHxK.astype(dt),
-                         preferred_element_type=jnp.float32)
-    s_BxHxS = jnp.where(valid_BxS[:, None, :], s_BxHxS * scale, _NEG)
-    s_new_BxH = jnp.sum(q_BxHxK.astype(jnp.float32) * k_new_BxHxK.astype(jnp.float32), -1) * scale
-    m_BxH = jnp.maximum(jnp.max(s_BxHxS, axis=-1), s_new_BxH)
-    e_BxHxS = jnp.exp(s_BxHxS - m_BxH[..., None])
-    e_new_BxH = jnp.exp(s_new_BxH - m_BxH)
-    inv_BxH = 1.0 / (jnp.sum(e_BxHxS, axis=-1) + e_new_BxH)
-    y_BxHxK = jnp.einsum("bhs,bhsk->bhk", e_BxHxS.astype(dt), v_BxHxSxK,
-                         preferred_element_type=jnp.float32)
-    y_BxHxK = (y_BxHxK + e_new_BxH[..., None] * v_new_BxHxK.astype(jnp.float32)) * inv_BxH[..., None]
-    return y_BxHxK.astype(dt)
-
-
-def _write_slot(cache_BxHxSxK, new_BxHxK, slot_B):
-    """Write each row's new (H, K) entry at its own slot of a head-major cache (in place once
-    the cache is donated). A slot >= S is dropped, never clamped onto a valid one."""
-    rows_B = jnp.arange(new_BxHxK.shape[0], dtype=jnp.int32)
-    return cache_BxHxSxK.at[rows_B, :, slot_B].set(new_BxHxK.astype(cache_BxHxSxK.dtype), mode="drop")
-
-
-def _attend_then_write(q_BxHxK, k_BxHxK, v_BxHxK, kv_cache, allowed_BxS, start_B, dt):
-    """One-token decode against a head-major (B, H, S, K) cache: attention over the cache as
-    it was plus the new key/value, then the new key/value written at each row's slot.
-    Returns (y_BxHxK, (k_cache, v_cache)).
-
-    The writes must come after the reads, or XLA has to copy each cache to update it in place
-    (it did: ~4 copies of every layer's cache per token). JAX has no control dependencies and
-    XLA:CPU drops optimization barriers, so the new entries are made to depend on the reads'
-    result: `0 * y` is not simplified away for floats (NaN semantics) and costs B*H*K flops.
-    """
-    k_old, v_old = kv_cache
-    S = k_old.shape[2]
-    valid_BxS = allowed_BxS & (jnp.arange(S)[None, :] != start_B[:, None])
-    y_BxHxK = _decode_attention(q_BxHxK, k_BxHxK, v_BxHxK, k_old.astype(dt), v_old.astype(dt),
-                                valid_BxS)
-    dep_BxHx1 = 0 * y_BxHxK[:, :, :1]
-    return y_BxHxK, (_write_slot(k_old, k_BxHxK + dep_BxHx1.astype(k_BxHxK.dtype), start_B),
-                     _write_slot(v_old, v_BxHxK + dep_BxHx1.astype(v_BxHxK.dtype), start_B))
-
-
-def _block(cfg: ModelConfig, dt, p, x_BxTxD, allowed_BxTxS, key, kv_cache, start_B,
-           heads_major=False):
     B, T, D = x_BxTxD.shape
     H, K = cfg.n_head, cfg.head_dim
-    train = key is not None
     get = p.get
-
-    # --- causal self-attention
     h = _layer_norm(x_BxTxD, p["ln1_scale"], get("ln1_bias")).astype(dt)
     qkv_BxTx3D = _linear(h, p["w_qkv"], get("b_qkv"), dt)
     q, k, v = (a.reshape(B, T, H, K) for a in jnp.split(qkv_BxTx3D, 3, axis=-1))
-    if heads_major:
-        # One-token decode (T == 1) on decode's head-major cache: attends to the cache as it
-        # was (slots < length) plus the new key itself, and the write is a separate update
-        # that nothing in this step reads. Reading the just-written cache instead makes
-        # XLA:CPU fuse the write into the attention's operand, so each layer's cache is
-        # rewritten into a fresh buffer (and copied to keep the in-place update legal) on
-        # every token: ~4 cache copies per layer per step.
-        y_BxHxK, kv_cache = _attend_then_write(q[:, 0], k[:, 0], v[:, 0], kv_cache,
-                                               allowed_BxTxS[:, 0], start_B, dt)
-        y_BxTxHxK = y_BxHxK[:, None]
-    else:
-        if kv_cache is not None:
-            k_cache, v_cache = _write_rows(kv_cache[0], k, start_B), _write_rows(kv_cache[1], v, start_B)
-            k, v = k_cache.astype(dt), v_cache.astype(dt)
-            kv_cache = (k_cache, v_cache)
-        scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32)
-        scores_BxHxTxS = jnp.where(allowed_BxTxS[:, None], scores_BxHxTxS / math.sqrt(K), _NEG)
-        probs = jax.nn.softmax(scores_BxHxTxS, axis=-1)
-        if train:
-            probs = _dropout(probs, cfg.dropout, jax.random.fold_in(key, 0))
-        y_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs.astype(dt), v)
+    y_BxTxHxK, aux = attend(q, k, v, key)
     y_BxTxD = _linear(y_BxTxHxK.reshape(B, T, D), p["w_attn_out"], get("b_attn_out"), dt)
-    if train:
+    if key is not None:
         y_BxTxD = _dropout(y_BxTxD, cfg.dropout, jax.random.fold_in(key, 1))
     x_BxTxD = x_BxTxD + y_BxTxD
-
-    # --- MLP
     h = _layer_norm(x_BxTxD, p["ln2_scale"], get("ln2_bias")).astype(dt)
     h = jax.nn.gelu(_linear(h, p["w_fc"], get("b_fc"), dt), approximate=True)
     y_BxTxD = _linear(h, p["w_mlp_out"], get("b_mlp_out"), dt)
-    if train:
+    if key is not None:
         y_BxTxD = _dropout(y_BxTxD, cfg.dropout, jax.random.fold_in(key, 2))
-    return x_BxTxD + y_BxTxD, kv_cache
-
-
-def _decode_block_T(cfg: ModelConfig, dt, p, x_DxB, allowed_BxS, kv_cache, start_B):
-    """`_block` for one-token cached decode, with the activations transposed to (D, B) and the
-    matrices given transposed (p["w_*_T"], (out, in)): each matmul is then W^T (out, in) @
-    x (in, B). For a chain of GPT-2 124M's layer matmuls with weights streamed from memory
-    that measured 1.3x (1 row), 1.9x (8 rows) and 1.8x (64 rows) faster on XLA:CPU than
-    x (B, in) @ W (in, out). The activations stay transposed through the whole block: asking
-    for a (B, out) result makes XLA choose the slow form again. Same math as `_block`.
-    """
-    D, B = x_DxB.shape
-    H, K = cfg.n_head, cfg.head_dim
-    get = p.get
-
-    def ln(x, scale, bias):  # LayerNorm over axis 0 (features), float32
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(0, keepdims=True)
-        var = jnp.square(x32 - mean).mean(0, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS) * scale[:, None]
-        return (y + bias[:, None] if bias is not None else y).astype(dt)
-
-    def lin(w_T, x, b):
-        y = jnp.einsum("oi,ib->ob", w_T.astype(dt), x)
-        return y + b.astype(dt)[:, None] if b is not None else y
-
-    h = ln(x_DxB, p["ln1_scale"], get("ln1_bias"))
-    qkv_3DxB = lin(p["w_qkv_T"], h, get("b_qkv"))
-    q, k, v = (a.T.reshape(B, H, K) for a in jnp.split(qkv_3DxB, 3, axis=0))
-    y_BxHxK, kv_cache = _attend_then_write(q, k, v, kv_cache, allowed_BxS, start_B, dt)
-    x_DxB = x_DxB + lin(p["w_attn_out_T"], y_BxHxK.reshape(B, D).T, get("b_attn_out"))
-    h = ln(x_DxB, p["ln2_scale"], get("ln2_bias"))
-    h = jax.nn.gelu(lin(p["w_fc_T"], h, get("b_fc")), approximate=True)
-    return x_DxB + lin(p["w_mlp_out_T"], h, get("b_mlp_out")), kv_cache
+    return x_BxTxD + y_BxTxD, aux
 
 
 def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype=jnp.float32):
@@ -376,13 +329,33 @@ def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype=jnp.float32):
     }
 
 
-def create_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> GPT:
-    return GPT(cfg, rngs=nnx.Rngs(params=seed), dtype=dtype)
+def compute_dtype(dtype) -> jnp.dtype:
+    """A dtype name (or dtype) as a jnp dtype; "auto" is bfloat16 on GPU/TPU, float32 on CPU."""
+    if isinstance(dtype, str) and dtype == "auto":
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    return jnp.dtype(dtype)
 
 
-def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> GPT:
+def create_model(cfg: ModelConfig, seed: int = 0, dtype="float32", attention: str = "auto",
+                 remat: str = "none") -> GPT:
+    """A freshly initialised model. dtype may be "auto"; attention "auto" is resolved here, on
+    the default backend (ValueError when an explicit choice cannot run there)."""
+    dt = compute_dtype(dtype)
+    backend = attn.resolve(attention, jax.default_backend(), dt, cfg.head_dim, remat)
+    return GPT(cfg, rngs=nnx.Rngs(params=seed), dtype=dt, attention=backend, remat=remat)
+
+
+def abstract_model(cfg: ModelConfig, dtype="float32", attention: str = "auto",
+                   remat: str = "none") -> GPT:
     """The model with ShapeDtypeStructs instead of arrays: a restore target that allocates nothing."""
-    return nnx.eval_shape(lambda: create_model(cfg, 0, dtype))
+    return nnx.eval_shape(lambda: create_model(cfg, 0, dtype, attention, remat))
+
+
+def logical_axes(model: GPT) -> dict:
+    """The logical axis names of every parameter, as a nested dict shaped like the params."""
+    return nnx.to_pure_dict(jax.tree.map(
+        lambda v: v.get_metadata()["logical_axes"], nnx.state(model, nnx.Param),
+        is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def count_params(model: GPT, non_embedding: bool = True) -> int:

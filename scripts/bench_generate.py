@@ -96,14 +96,12 @@ def bench_naive(model, prompts, n_new, steps):
     W = min(cfg.block_size, P + n_new)
     graphdef, params = nnx.split(model)
 
-    from jaxgpt.generation import _lm_head
-
     @jax.jit
     def step(params, window_BxW, pos):
         # Like nanoGPT at inference, the LM head runs on the one position that is needed.
         m = nnx.merge(graphdef, params)
-        h_BxWxD, _ = m(window_BxW, return_hidden=True)
-        nxt = jnp.argmax(_lm_head(m, h_BxWxD[:, pos]), axis=-1).astype(jnp.int32)
+        h_BxWxD = m.hidden(window_BxW)
+        nxt = jnp.argmax(m.head(h_BxWxD[:, pos]), axis=-1).astype(jnp.int32)
         return jax.lax.dynamic_update_slice(window_BxW, nxt[:, None], (0, pos + 1))
 
     window = jnp.zeros((B, W), jnp.int32).at[:, :P].set(jnp.asarray(prompts, jnp.int32))

@@ -5,7 +5,7 @@
 scripts/bench_matmul.py shows XLA:CPU's dot kernels running a training step's products 20-25%
 slower than torch's MKL, each product timed on its own. This script asks the follow-up question
 on the whole step: build the real training step (`bench_train.setup_jax`) twice, once as
-jaxgpt ships it and once with every large product of `fused_stack` and `fused_loss` (the
+jaxgpt ships it and once with every large product of `cpu_stack` and `cpu_loss` (the
 linear layers and the tied head, forward and backward; attention's small batched products stay
 in XLA) sent to SciPy's sgemm (OpenBLAS) through an XLA FFI custom call, and time both in
 alternating rounds. It also times, per step, the sgemm calls inside the step, and the same
@@ -186,7 +186,7 @@ class HostGemm:
 
 # ----------------------------------------------------------------- routing the products
 class _RoutedJnp:
-    """Stands in for `jnp` inside fused_stack / fused_loss: the einsums of linear layers and of
+    """Stands in for `jnp` inside kernels/cpu_stack / kernels/cpu_loss: the einsums of linear layers and of
     the head become host sgemm calls on (tokens, features) views; everything else is jnp."""
 
     # spec -> (transpose a, transpose b); every operand is flattened to 2-D over its leading axes
@@ -219,8 +219,8 @@ class _RoutedJnp:
 
 
 def build(spec, gemm: HostGemm | None):
-    from jaxgpt import fused_loss, fused_stack
-    mods = (fused_stack, fused_loss)
+    from jaxgpt.kernels import cpu_loss, cpu_stack
+    mods = (cpu_stack, cpu_loss)
     saved = [m.jnp for m in mods]
     if gemm is not None:
         for m in mods:

@@ -99,7 +99,7 @@ def rev(work):
 
 
 def _run(quiet=True, **kw):
-    from jaxgpt.trainer import run_training
+    from jaxgpt.train.loop import run_training
     return run_training(Config(**kw), quiet=quiet)
 
 
@@ -188,7 +188,7 @@ def test_sft_mask_is_exactly_completion_plus_eot(rev):
 
 @partial(jax.jit, static_argnums=0)
 def _token_losses(graphdef, params, tokens_BxT1):
-    logits, _ = nnx.merge(graphdef, params)(tokens_BxT1[:, :-1])
+    logits = nnx.merge(graphdef, params).logits(tokens_BxT1[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BxT1[:, 1:])
 
 

@@ -17,7 +17,7 @@ from jaxgpt.cli import main
 from jaxgpt.config import Config, ModelConfig
 from jaxgpt.errors import UserError
 from jaxgpt.model import create_model, init_cache
-from jaxgpt.sampling import SamplingFlags, SamplingParams
+from jaxgpt.generation.sampling import SamplingFlags, SamplingParams
 
 # vocab 67 is not a multiple of 64: the padded ids must never be produced.
 CFG = ModelConfig(vocab_size=67, block_size=32, n_layer=2, n_head=2, n_embd=32)
@@ -207,8 +207,8 @@ def test_decode_updates_the_cache_in_place(model, n_rows):
     per buffer and call, (B, S, H, K) -> head-major (B, H, S, K) and back, outside the loop."""
     prompts = _prompts([7, 16, 5, 10])[:n_rows]
     graphdef, params, _, state, _ = _start(model, prompts, 4)
-    weights = G.decode_weights(graphdef, params, n_rows == 1)
-    hlo = G._decode_loop.lower(graphdef, params, weights, state, 4).compile().as_text()
+    weights = G.decode_weights(graphdef, params, n_rows)
+    hlo = G.engine._decode_loop.lower(graphdef, params, weights, state, 4).compile().as_text()
     B, S = state.cache["k"][0].shape[:2]
     H, K = CFG.n_head, CFG.head_dim
     shapes = (f"f32[{B},{S},{H},{K}]", f"f32[{B},{H},{S},{K}]")

@@ -1,3 +1,4 @@
+"""Model equivalences: causality, cached == full forward, rows at their own offsets, dtypes."""
 import math
 
 import jax
@@ -7,7 +8,7 @@ import pytest
 from flax import nnx
 
 from jaxgpt.config import ModelConfig
-from jaxgpt.model import abstract_model, count_params, create_model, init_cache
+from jaxgpt.model import abstract_model, count_params, create_model, init_cache, logical_axes
 
 CFG = ModelConfig(vocab_size=100, block_size=32, n_layer=2, n_head=2, n_embd=32)
 
@@ -23,7 +24,7 @@ def test_causality_via_gradients():
     toks = _tokens(1, 10)
 
     def out_at(p, t):
-        return nnx.merge(graphdef, p)(toks)[0][0, t].sum()
+        return nnx.merge(graphdef, p).logits(toks)[0, t].sum()
 
     for t in (0, 4, 9):
         g_wpe = np.asarray(jax.grad(out_at)(params, t)["wpe"][...])
@@ -32,17 +33,22 @@ def test_causality_via_gradients():
         assert np.all(row_norm[: t + 1] > 0.0), f"position {t} ignores its past"
 
 
-def test_cached_forward_equals_full_forward():
-    model = create_model(CFG, 1)
+@pytest.mark.parametrize("attention", ["xla", "cpu"])
+def test_cached_forward_equals_full_forward(attention):
+    """prefill (7 tokens), extend (2 at once) and decode_step (one at a time) == one full pass."""
+    model = create_model(CFG, 1, attention=attention)
     toks = _tokens(3, 12, seed=3)
-    full, _ = model(toks)
+    full = model.logits(toks)
     cache = init_cache(CFG, 3, 16)
-    first, cache = model(toks[:, :7], cache=cache)
-    steps = [first]
-    for t in range(7, 12):
-        lg, cache = model(toks[:, t:t + 1], jnp.full((3, 1), t), cache=cache)
-        steps.append(lg)
-    np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5)
+    h, cache = model.prefill(toks[:, :7], jnp.full((3,), 7), cache)
+    steps = [model.head(h)[:, None]]
+    h, cache = model.extend(toks[:, 7:9], cache)
+    steps.append(model.head(h))
+    layers = model.layer_params()
+    for t in range(9, 12):
+        h, cache = model.decode_step(toks[:, t], jnp.full((3,), t), cache, layers)
+        steps.append(model.head(h)[:, None])
+    np.testing.assert_allclose(np.concatenate(steps, 1), full[:, 6:], atol=1e-5)
     assert cache["length"].tolist() == [12, 12, 12]
 
 
@@ -52,21 +58,32 @@ def test_rows_write_at_their_own_offset():
     a, b = _tokens(1, 9, seed=5)[0], _tokens(1, 5, seed=6)[0]
     cache = init_cache(CFG, 2, 16)
     padded = jnp.stack([a[:8], jnp.concatenate([b[:4], jnp.zeros(4, jnp.int32)])])
-    _, cache = model(padded, cache=cache)
-    cache = dict(cache, length=jnp.array([8, 4], jnp.int32))
-    nxt = jnp.stack([a[8:9], b[4:5]])
-    lg, _ = model(nxt, jnp.array([[8], [4]]), cache=cache)
-    ref_a, _ = model(a[None, :9])
-    ref_b, _ = model(b[None, :5])
-    np.testing.assert_allclose(lg[0, 0], ref_a[0, 8], atol=1e-5)
-    np.testing.assert_allclose(lg[1, 0], ref_b[0, 4], atol=1e-5)
+    _, cache = model.prefill(padded, jnp.array([8, 4]), cache)
+    assert cache["length"].tolist() == [8, 4]
+    h, _ = model.decode_step(jnp.stack([a[8], b[4]]), jnp.array([8, 4]), cache)
+    lg = model.head(h)
+    np.testing.assert_allclose(lg[0], model.logits(a[None, :9])[0, 8], atol=1e-5)
+    np.testing.assert_allclose(lg[1], model.logits(b[None, :5])[0, 4], atol=1e-5)
+
+
+def test_every_parameter_has_logical_axes_matching_its_rank():
+    cfg = ModelConfig(vocab_size=100, block_size=32, n_layer=2, n_head=2, n_embd=32, n_classes=3)
+    m = create_model(cfg, 0)
+    axes, params = logical_axes(m), nnx.to_pure_dict(nnx.state(m, nnx.Param))
+    flat_axes = dict(jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))[0])
+    flat_params = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    assert flat_axes.keys() == flat_params.keys()
+    for path, a in flat_axes.items():
+        assert len(a) == flat_params[path].ndim, (path, a)
+    assert axes["blocks"]["w_qkv"] == ("layers", "embed", "qkv")
+    assert axes["wte"] == ("vocab", "embed")
 
 
 def test_padded_vocab_is_never_predicted():
     cfg = ModelConfig(vocab_size=70, block_size=16, n_layer=1, n_head=1, n_embd=16)
     model = create_model(cfg, 0)
     assert model.wte[...].shape[0] == 128  # padded to a multiple of 64
-    logits, _ = model(_tokens(1, 5, V=70))
+    logits = model.logits(_tokens(1, 5, V=70))
     assert logits.shape[-1] == 70
 
 
@@ -97,7 +114,7 @@ def test_jit_equals_no_jit_and_dropout_is_keyed():
     model = create_model(cfg, 0)
     graphdef, params = nnx.split(model)
     toks = _tokens()
-    f = lambda p, k: nnx.merge(graphdef, p)(toks, dropout_key=k)[0]
+    f = lambda p, k: nnx.merge(graphdef, p).hidden(toks, dropout_key=k)
     eager = f(params, None)
     np.testing.assert_allclose(jax.jit(f)(params, None), eager, atol=1e-5)
     d1, d2 = jax.jit(f)(params, jax.random.key(1)), jax.jit(f)(params, jax.random.key(2))
@@ -109,8 +126,8 @@ def test_bfloat16_compute_stays_close_and_params_stay_float32():
     m32 = create_model(CFG, 0)
     m16 = create_model(CFG, 0, dtype=jnp.bfloat16)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(m16)))
-    a, _ = m32(_tokens())
-    b, _ = m16(_tokens())
+    a = m32.logits(_tokens())
+    b = m16.logits(_tokens())
     assert b.dtype == jnp.float32
     assert float(jnp.abs(a - b).max()) < 0.1
 

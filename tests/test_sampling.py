@@ -7,7 +7,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from jaxgpt.sampling import (SamplingFlags, SamplingParams, apply_repetition_penalty, filter_logits,
+from jaxgpt.generation.sampling import (SamplingFlags, SamplingParams, apply_repetition_penalty, filter_logits,
                              first_argmax, sample)
 
 ALL = SamplingFlags(sample=True, top_k=True, top_p=True, min_p=True, repetition_penalty=True)

@@ -11,7 +11,7 @@ from jaxgpt.checkpoint import list_steps, load_model, model_params, read_meta
 from jaxgpt.cli import main
 from jaxgpt.config import Config, ModelConfig
 from jaxgpt.prepare import prepare
-from jaxgpt.trainer import run_training
+from jaxgpt.train.loop import run_training
 
 TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(400))
 
@@ -141,9 +141,9 @@ def test_train_cli_errors_are_one_line(data_dir, tmp_path, capsys, args, needle)
 
 
 def test_an_impossible_config_fails_before_any_data_work(tmp_path, capsys, monkeypatch):
-    import jaxgpt.trainer
+    import jaxgpt.train.loop
     default = tmp_path / "stdlib"  # stands in for the embedded corpus, prepared on first use
-    monkeypatch.setattr(jaxgpt.trainer, "DEFAULT_DATA", str(default))
+    monkeypatch.setattr(jaxgpt.train.loop, "DEFAULT_DATA", str(default))
     code, err = _err(capsys, ["train", f"data={default}", f"out={tmp_path}/o", "model.n_embd=30"])
     assert code == 2 and "not divisible by model.n_head" in err, err
     assert not default.exists()  # the corpus was not prepared for a run that cannot start

@@ -12,7 +12,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from jaxgpt.trainer import run_training
+    from jaxgpt.train.loop import run_training
 
     cfg = build_config(args.config, args.overrides)
     try:

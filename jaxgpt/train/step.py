@@ -1,4 +1,4 @@
-"""Loss, optimizer and the pure train/eval step functions (pmapped over all local devices).
+"""Optimizer and the pure train/eval step functions (pmapped over all local devices).
 
 The step body is written per device with named-axis collectives (`lax.psum(..., "data")`), so
 the same code runs on 1 device, N devices, or several hosts after `jax.distributed.initialize()`.
@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxgpt import loss
 from jaxgpt.config import Config
-from jaxgpt.fused_loss import head_loss_sum
 
 AXIS = "data"
 
@@ -68,24 +68,12 @@ def build_optimizer(cfg: Config) -> optax.GradientTransformation:
 
 # ---------------------------------------------------------------- losses
 def lm_loss_sums(graphdef, params, batch, dropout_key):
-    """(sum of masked next-token losses, number of counted targets) for one micro-batch."""
-    model = nnx.merge(graphdef, params)
-    x_BxT1, mask_BxT = batch["tokens"], batch["mask"]
-    h_BxTxD, _ = model(x_BxT1[:, :-1], dropout_key=dropout_key, return_hidden=True)
-    B, T, D = h_BxTxD.shape
-    # == cross-entropy of model(...)'s logits, with a hand-written backward (jaxgpt/fused_loss.py)
-    loss_sum = head_loss_sum(h_BxTxD.reshape(B * T, D), model.wte[...].astype(h_BxTxD.dtype),
-                             x_BxT1[:, 1:].reshape(B * T), mask_BxT.reshape(B * T), model.cfg.vocab_size)
-    return loss_sum, jnp.sum(mask_BxT), {}
+    """(sum of masked next-token losses, number of counted targets, {}) for one micro-batch."""
+    return loss.lm_loss_sums(nnx.merge(graphdef, params), batch, dropout_key)
 
 
 def classify_loss_sums(graphdef, params, batch, dropout_key):
-    model = nnx.merge(graphdef, params)
-    logits_BxC = model.classify(batch["tokens"], batch["lengths"], dropout_key=dropout_key)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"])
-    w = batch["weight"]
-    correct = (jnp.argmax(logits_BxC, -1) == batch["labels"]).astype(jnp.float32) * w
-    return jnp.sum(losses * w), jnp.sum(w), {"correct": jnp.sum(correct)}
+    return loss.classify_loss_sums(nnx.merge(graphdef, params), batch, dropout_key)
 
 
 def loss_fn_for(task: str):
@@ -135,7 +123,14 @@ def train_step(state: dict, batch: dict, *, graphdef, tx, task: str, axis_name: 
     grads = jax.tree.map(lambda g: g / count, g_sum)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads)}
+    loss_mean, grad_norm = loss_sum / count, optax.tree.norm(grads)
+    # A non-finite loss or gradient never reaches the state: the update is skipped (params and
+    # optimizer state unchanged; the loop's nan_policy decides whether to go on). The selects
+    # fuse into the update's elementwise work, which reads both versions anyway.
+    finite = jnp.isfinite(loss_mean) & jnp.isfinite(grad_norm)
+    keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
+    metrics = {"loss": loss_mean, "grad_norm": grad_norm, "finite": finite}
     if "correct" in extra:
         metrics["acc"] = extra["correct"] / count
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}

@@ -53,9 +53,8 @@ def _unflatten_opt(template, flat):
 
 def _init_params(cfg: Config, meta: dict):
     """(params, cfg) for a fresh run: from scratch, another checkpoint, or GPT-2."""
-    dtype = cfg.dtype
     if cfg.init_from == "scratch":
-        return ckpt.model_params(create_model(cfg.model, cfg.seed, dtype)), cfg
+        return ckpt.model_params(build_model(cfg, cfg.seed)), cfg
     if cfg.init_from.startswith("gpt2") and not os.path.isdir(cfg.init_from):
         from jaxgpt.hf import load_pretrained
         src_model, src_cfg = load_pretrained(cfg.init_from)
@@ -78,7 +77,7 @@ def _init_params(cfg: Config, meta: dict):
                         f"{src.block_size}")
     cfg = replace_model(cfg, n_layer=src.n_layer, n_head=src.n_head, n_embd=src.n_embd,
                         bias=src.bias)
-    params = ckpt.model_params(create_model(cfg.model, cfg.seed, dtype))  # fresh head, if any
+    params = ckpt.model_params(build_model(cfg, cfg.seed))  # fresh head, if any
     src_params = ckpt.model_params(src_model)
     for k, v in src_params.items():
         if not k.startswith("cls_"):
@@ -122,7 +121,7 @@ def run_training(cfg: Config, quiet: bool = False) -> dict:
         elif stored_cfg.model != cfg.model:
             raise UserError(f"{cfg.out} holds a run with a different model ({stored_cfg.model}); "
                             "use a new out= folder")
-        params = ckpt.model_params(create_model(cfg.model, 0, cfg.dtype))
+        params = ckpt.model_params(build_model(cfg, 0))
     else:
         params, cfg = _init_params(cfg, meta)
     cfg.validate(n_global)
@@ -327,6 +326,13 @@ def compiled_steps(graphdef, cfg: Config):
     return p_step, p_eval
 
 
+def build_model(cfg: Config, seed: int):
+    """The run's model: its compute dtype, attention backend and remat policy resolved here."""
+    try:
+        return create_model(cfg.model, seed, cfg.dtype, cfg.attention, cfg.remat)
+    except ValueError as e:  # an explicit backend that cannot serve this model or platform
+        raise UserError(str(e)) from None
+
+
 def create_model_abstract(cfg: Config):
-    from jaxgpt.model import abstract_model
-    return abstract_model(cfg.model, cfg.dtype)
+    return nnx.eval_shape(lambda: build_model(cfg, 0))

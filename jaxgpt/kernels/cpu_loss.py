@@ -3,7 +3,9 @@
 `head_loss_sum` equals
     logits = h @ wte.T, restricted to the real vocabulary (padded ids are never predicted)
     sum(mask * (logsumexp(logits) - logits[target]))
-and `jax.custom_vjp` gives it a backward written out by hand. `train.lm_loss_sums` uses it.
+and `jax.custom_vjp` gives it a backward written out by hand. It is the `cpu` backend's LM loss
+(see jaxgpt/loss.py, whose chunked `head_loss_sum` the other backends use; the tests check that
+the two agree in values and gradients).
 
 Why by hand: at GPT-2's 50k vocabulary the head is the largest matmul of the model. Autodiff of
 the obvious code (einsum, slice to the real vocabulary, optax's cross-entropy) measured on
@@ -13,7 +15,7 @@ cotangent back to the padded vocabulary. Here the padded columns are masked in p
 they get zero probability and zero gradient), the logits are kept for the backward, and the
 backward builds dlogits = mask * (softmax - onehot) in one fused pass that feeds the two
 gradient matmuls. Those are laid out so that XLA:CPU transposes the narrow (N, D) activations,
-not the (N, V) cotangent (see `fused_stack._wgrad`).
+not the (N, V) cotangent (see `cpu_stack._wgrad`).
 
 Shapes: N tokens (batch x time, flattened), D width, Vp padded vocabulary, V real vocabulary.
 """

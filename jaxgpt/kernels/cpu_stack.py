@@ -1,10 +1,11 @@
-"""The transformer stack's training forward with a hand-written backward pass (float32).
+"""The `cpu` attention backend's no-cache stack: the blocks' forward with a hand-written backward.
 
 `stack` computes exactly what `model._block` computes, layer after layer, without a KV cache and
-without dropout; `jax.custom_vjp` gives it a backward written out by hand. `GPT.__call__` uses
-it for float32 training and evaluation without dropout; everything else (a cache, dropout,
-bfloat16) takes the general `lax.scan` path. tests/test_fused_stack.py checks both paths give
-the same logits and gradients.
+without dropout, in float32; `jax.custom_vjp` gives it a backward written out by hand.
+`GPT.hidden` uses it when the model's backend is `cpu` (see jaxgpt/attention.py: `auto` picks it
+on CPU for float32 models without remat); a training forward with dropout takes the reference
+`lax.scan` path instead. tests/test_cpu_kernels.py checks that both give the same hidden states
+and gradients.
 
 Why by hand: profiled on XLA:CPU, the autodiff of the layer scan spent ~40% of a training step
 outside the matmuls, in three places this file avoids:
@@ -20,8 +21,6 @@ outside the matmuls, in three places this file avoids:
 - The masked half of causal attention. Queries are taken in chunks of `_chunk_len(T)`; chunk
   [a, b) only reads keys < b, so about half of the (T, T) scores, softmax and both attention
   matmuls of forward and backward are never computed. Only the diagonal block needs the mask.
-With a caller's attention mask the whole (T, T) block is computed in one chunk, so a row whose
-keys are all masked gets the same (uniform over all T keys) attention as `_block` gives it.
 
 Shapes: B batch, T tokens, D width, H heads, K head dim, F = 4D, L layers.
 """
@@ -34,8 +33,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-LN_EPS = 1e-5  # == model.LN_EPS (not imported: model imports this module)
-_NEG = -1e30  # == model._NEG
+LN_EPS = 1e-5  # == model.LN_EPS
+_NEG = -1e30  # == attention._NEG
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
@@ -89,53 +88,50 @@ def _chunks(T: int, C: int):
     return [(a, min(a + C, T)) for a in range(0, T, C)]
 
 
-def _chunk_mask(mask_BxTxS, a, b):
-    """Allowed keys [0, b) for queries [a, b): the caller's mask, or causal (static)."""
-    if mask_BxTxS is not None:
-        return mask_BxTxS[:, None, a:b, :b]
+def _chunk_mask(a, b):
+    """Allowed keys [0, b) for queries [a, b): causal (static)."""
     return jnp.arange(b)[None, :] <= jnp.arange(a, b)[:, None]
 
 
 # ---------------------------------------------------------------- attention, (B, H, T, K)
-def _attn_fwd(q, k, v, mask_BxTxS):
+def _attn_fwd(q, k, v):
     B, H, T, K = q.shape
-    C = T if mask_BxTxS is not None else _chunk_len(T)
+    C = _chunk_len(T)
     ys, probs = [], []
     for a, b in _chunks(T, C):
         s_BxHxCxS = jnp.einsum("bhtk,bhsk->bhts", q[:, :, a:b], k[:, :, :b]) / math.sqrt(K)
-        s_BxHxCxS = jnp.where(_chunk_mask(mask_BxTxS, a, b), s_BxHxCxS, _NEG)
+        s_BxHxCxS = jnp.where(_chunk_mask(a, b), s_BxHxCxS, _NEG)
         p_BxHxCxS = jax.nn.softmax(s_BxHxCxS, axis=-1)
         ys.append(jnp.einsum("bhts,bhsk->bhtk", p_BxHxCxS, v[:, :, :b]))
         probs.append(p_BxHxCxS)
     return (jnp.concatenate(ys, axis=2) if len(ys) > 1 else ys[0]), probs
 
 
-def _attn_bwd(q, k, v, mask_BxTxS, probs, dy, delta_BxHxT):
+def _attn_bwd(q, k, v, probs, dy, delta_BxHxT):
     """(dq, dk, dv); delta = rowsum(dy * y), the softmax backward's per-row term."""
     B, H, T, K = q.shape
-    C = T if mask_BxTxS is not None else _chunk_len(T)
+    C = _chunk_len(T)
     dqs, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
     for (a, b), p in zip(_chunks(T, C), probs):
         dy_c = dy[:, :, a:b]
         dv = dv.at[:, :, :b].add(jnp.einsum("bhts,bhtk->bhsk", p, dy_c))
         dp = jnp.einsum("bhtk,bhsk->bhts", dy_c, v[:, :, :b])
         ds = p * (dp - delta_BxHxT[:, :, a:b, None])
-        # masked scores get no gradient (matters only for a row with every key masked)
-        ds = jnp.where(_chunk_mask(mask_BxTxS, a, b), ds, 0.0) / math.sqrt(K)
+        ds = jnp.where(_chunk_mask(a, b), ds, 0.0) / math.sqrt(K)
         dqs.append(jnp.einsum("bhts,bhsk->bhtk", ds, k[:, :, :b]))
         dk = dk.at[:, :, :b].add(jnp.einsum("bhts,bhtk->bhsk", ds, q[:, :, a:b]))
     return (jnp.concatenate(dqs, axis=2) if len(dqs) > 1 else dqs[0]), dk, dv
 
 
 # ---------------------------------------------------------------- one block
-def _block_fwd(p, x_BxTxD, mask_BxTxS, n_head):
+def _block_fwd(p, x_BxTxD, n_head):
     B, T, D = x_BxTxD.shape
     H, K = n_head, D // n_head
     get = p.get
     h1, xhat1, rstd1 = _ln_fwd(x_BxTxD, p["ln1_scale"], get("ln1_bias"))
     qkv_BxTx3D = _linear(h1, p["w_qkv"], get("b_qkv"))
     q, k, v = qkv_BxTx3D.reshape(B, T, 3, H, K).transpose(2, 0, 3, 1, 4)  # each (B, H, T, K)
-    y_BxHxTxK, probs = _attn_fwd(q, k, v, mask_BxTxS)
+    y_BxHxTxK, probs = _attn_fwd(q, k, v)
     y_BxTxD = y_BxHxTxK.transpose(0, 2, 1, 3).reshape(B, T, D)
     x2 = x_BxTxD + _linear(y_BxTxD, p["w_attn_out"], get("b_attn_out"))
     h2, xhat2, rstd2 = _ln_fwd(x2, p["ln2_scale"], get("ln2_bias"))
@@ -147,7 +143,7 @@ def _block_fwd(p, x_BxTxD, mask_BxTxS, n_head):
     return out, res
 
 
-def _block_bwd(p, res, mask_BxTxS, dout_BxTxD, n_head):
+def _block_bwd(p, res, dout_BxTxD, n_head):
     """(dx, dp) of one block, given its output cotangent."""
     B, T, D = dout_BxTxD.shape
     H, K = n_head, D // n_head
@@ -166,7 +162,7 @@ def _block_bwd(p, res, mask_BxTxS, dout_BxTxD, n_head):
     dy_BxTxHxK = jnp.einsum("bte,de->btd", dx2, p["w_attn_out"]).reshape(B, T, H, K)
     dp["w_attn_out"] = _wgrad(res["y"], dx2)
     delta_BxHxT = jnp.einsum("bthk,bthk->bht", dy_BxTxHxK, res["y"].reshape(B, T, H, K))
-    dq, dk, dv = _attn_bwd(res["q"], res["k"], res["v"], mask_BxTxS, res["probs"],
+    dq, dk, dv = _attn_bwd(res["q"], res["k"], res["v"], res["probs"],
                            dy_BxTxHxK.transpose(0, 2, 1, 3), delta_BxHxT)
     dqkv_BxTx3D = jnp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * D)
     dh1 = jnp.einsum("bte,de->btd", dqkv_BxTx3D, p["w_qkv"])
@@ -185,33 +181,30 @@ def _unstack(blocks):
     return [{name: a[i] for name, a in blocks.items()} for i in range(L)]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def stack(blocks, x_BxTxD, mask_BxTxS, n_head: int):
-    """All layers of `blocks` (dict of (L, ...) float32 arrays, as in `model.Blocks`) on x.
-
-    mask_BxTxS: None for plain causal attention, else the bool (B, T, T) allowed-key mask
-    (causality included). Differentiable in blocks and x.
-    """
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def stack(blocks, x_BxTxD, n_head: int):
+    """All layers of `blocks` (dict of (L, ...) float32 arrays, as in `model.Blocks`) on the
+    float32 residual stream x, with causal attention. Differentiable in blocks and x."""
     for p in _unstack(blocks):
-        x_BxTxD, _ = _block_fwd(p, x_BxTxD, mask_BxTxS, n_head)
+        x_BxTxD, _ = _block_fwd(p, x_BxTxD, n_head)
     return x_BxTxD
 
 
-def _stack_fwd(blocks, x_BxTxD, mask_BxTxS, n_head):
+def _stack_fwd(blocks, x_BxTxD, n_head):
     layers, saved = _unstack(blocks), []
     for p in layers:
-        x_BxTxD, res = _block_fwd(p, x_BxTxD, mask_BxTxS, n_head)
+        x_BxTxD, res = _block_fwd(p, x_BxTxD, n_head)
         saved.append(res)
-    return x_BxTxD, (layers, saved, mask_BxTxS)
+    return x_BxTxD, (layers, saved)
 
 
 def _stack_bwd(n_head, residuals, dx_BxTxD):
-    layers, saved, mask_BxTxS = residuals
+    layers, saved = residuals
     dps = [None] * len(saved)
     for i in reversed(range(len(saved))):
-        dx_BxTxD, dps[i] = _block_bwd(layers[i], saved[i], mask_BxTxS, dx_BxTxD, n_head)
+        dx_BxTxD, dps[i] = _block_bwd(layers[i], saved[i], dx_BxTxD, n_head)
     dblocks = {name: jnp.stack([dp[name] for dp in dps]) for name in layers[0]}
-    return dblocks, dx_BxTxD, None
+    return dblocks, dx_BxTxD
 
 
 stack.defvjp(_stack_fwd, _stack_bwd)
