@@ -1,7 +1,7 @@
 """jaxgpt: a GPT in JAX/Flax NNX — pmapped training, Orbax checkpoints, cached batched generation.
 
 Public API:
-    model, tokenizer = jaxgpt.load(ckpt_dir, step=None)
+    model, tokenizer = jaxgpt.load(ckpt_dir, step=None, dtype=None)
     model, tokenizer = jaxgpt.load_hf(hf_dir)
     jaxgpt.generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
                     min_p=None, repetition_penalty=None, eos_id=None, seed=0, stream=False)
@@ -16,12 +16,16 @@ __version__ = "0.1.0"
 from jaxgpt.generation import decode, generate, logits, prefill  # noqa: E402
 
 
-def load(ckpt_dir: str, step: int | None = None):
-    """Restore a checkpoint's params with its stored config: returns (model, tokenizer)."""
+def load(ckpt_dir: str, step: int | None = None, dtype: str | None = None):
+    """Restore a checkpoint's params with its stored config: returns (model, tokenizer).
+
+    dtype: compute dtype to serve in ("auto", "float32", "bfloat16"; default the run's), e.g. a
+    float32 checkpoint served in bfloat16 with a bfloat16 KV cache. Params stay float32.
+    """
     from jaxgpt.checkpoint import load_model
     from jaxgpt.tokenizer import get_tokenizer
 
-    model, _cfg, meta = load_model(ckpt_dir, step)
+    model, _cfg, meta = load_model(ckpt_dir, step, dtype=dtype)
     return model, get_tokenizer(meta["tokenizer"])
 
 

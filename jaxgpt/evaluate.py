@@ -17,10 +17,12 @@ from jaxgpt.train import eval_step
 
 
 def evaluate_checkpoint(ckpt_dir: str, data: str | None = None, step: int | None = None,
-                        steps: int | None = None) -> dict:
+                        steps: int | None = None, dtype: str | None = None) -> dict:
+    """Train/val loss (and accuracy for classifiers) of a checkpoint; dtype overrides the run's
+    compute dtype (params stay float32)."""
     from jaxgpt.prepare import load_meta
 
-    model, cfg, meta = load_model(ckpt_dir, step)
+    model, cfg, meta = load_model(ckpt_dir, step, dtype=dtype)
     data = data or cfg.data
     if not os.path.isdir(data):
         raise UserError(f"data folder not found: {data} (pass --data)")

@@ -387,6 +387,19 @@ def test_json_output_matches_python_api(ckpt, loaded, capsys):
     assert all(r["seconds"] > 0 for r in rows)
 
 
+def test_a_float32_checkpoint_serves_in_bfloat16(ckpt, capsys):
+    """--dtype / jaxgpt.load(dtype=): bf16 compute and a bf16 KV cache over the float32 params."""
+    import jaxgpt
+    model, tok = jaxgpt.load(ckpt, dtype="bfloat16")
+    assert model.dtype == jnp.bfloat16 and model.wte[...].dtype == jnp.float32
+    want = G.generate(model, [tok.encode("hello")], 8, temperature=0)
+    rc = main(["generate", "--ckpt", ckpt, "--prompt", "hello", "--max-new-tokens", "8",
+               "--temperature", "0", "--json", "--dtype", "bfloat16"])
+    assert rc == 0 and _json_lines(capsys)[0]["completion"] == tok.decode(want[0])
+    rc = main(["eval", "--ckpt", ckpt, "--dtype", "float16"])
+    assert rc == 2 and "invalid choice" in capsys.readouterr().err
+
+
 def test_num_samples_differ_and_stream_reproduces_batch(ckpt, capsys):
     args = ["generate", "--ckpt", ckpt, "--prompt", "ab", "--num-samples", "3", "--max-new-tokens", "12",
             "--temperature", "1.0", "--seed", "5", "--json"]

@@ -12,6 +12,8 @@ def add_parser(sub):
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
     p.add_argument("--steps", type=int, default=None, help="eval batches per split (default: eval_steps)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="compute dtype (default: the run's; auto = bfloat16 on GPU/TPU, float32 on CPU)")
     p.set_defaults(func=run)
 
 
@@ -20,7 +22,7 @@ def run(args) -> int:
 
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
-    r = evaluate_checkpoint(args.ckpt, data=args.data, step=args.step, steps=args.steps)
+    r = evaluate_checkpoint(args.ckpt, data=args.data, step=args.step, steps=args.steps, dtype=args.dtype)
     if args.json:
         print(json.dumps(r))
         return 0

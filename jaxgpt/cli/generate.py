@@ -36,6 +36,9 @@ def add_parser(sub):
     p.add_argument("--stop-at-eot", action="store_true", help="end a completion at <|endoftext|>")
     p.add_argument("--stream", action="store_true", help="print tokens as they come, one row at a time")
     p.add_argument("--json", action="store_true", help="one JSON line per completion")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="compute dtype and KV cache dtype (default: the run's; auto = bfloat16 on "
+                        "GPU/TPU, float32 on CPU); the weights on disk are float32 either way")
     p.set_defaults(func=run)
 
 
@@ -104,7 +107,7 @@ def run(args) -> int:
     from jaxgpt.generation import generate
     from jaxgpt.tokenizer import get_tokenizer
 
-    model, _, meta = load_model(args.ckpt, step=args.step)
+    model, _, meta = load_model(args.ckpt, step=args.step, dtype=args.dtype)
     if "tokenizer" not in meta:
         raise UserError(f"checkpoint {args.ckpt} does not name its tokenizer")
     tok = get_tokenizer(meta["tokenizer"])
