@@ -27,7 +27,7 @@ def add_parser(sub):
     src.add_argument("--prompt-file", help="one prompt per line, or JSONL with a 'prompt' field")
     p.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
     p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
@@ -36,6 +36,17 @@ def add_parser(sub):
     p.add_argument("--stop-at-eot", action="store_true", help="end a completion at <|endoftext|>")
     p.add_argument("--stream", action="store_true", help="print tokens as they come, one row at a time")
     p.add_argument("--json", action="store_true", help="one JSON line per completion")
+    # --- beam search (jaxgpt/generation/beam.py)
+    p.add_argument("--num-beams", type=int, default=1, metavar="K",
+                   help="beam search with K beams (transformers' semantics; no sampling flags)")
+    p.add_argument("--length-penalty", type=float, default=None,
+                   help="beam search: score = sum log-probs / new_tokens ** this (default 1.0)")
+    p.add_argument("--early-stopping", choices=["false", "true", "never"], default=None,
+                   help="beam search: when to stop (transformers' early_stopping; default false)")
+    p.add_argument("--num-return-sequences", type=int, default=None, metavar="M",
+                   help="beam search: the M best beams of each prompt (default 1; with --json "
+                        "each gets a line with its score)")
+    # --- end beam search
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
                    help="compute dtype and KV cache dtype (default: the run's; auto = bfloat16 on "
                         "GPU/TPU, float32 on CPU); the weights on disk are float32 either way")
@@ -51,8 +62,27 @@ def check_args(args) -> None:
         bad("num-samples", ">= 1", args.num_samples)
     if args.max_new_tokens < 1:
         bad("max-new-tokens", ">= 1", args.max_new_tokens)
-    if not args.temperature >= 0:
+    if args.temperature is not None and not args.temperature >= 0:
         bad("temperature", ">= 0 (0 = greedy)", args.temperature)
+    # --- beam search: its own flags, and none of sampling's
+    if args.num_beams < 1:
+        bad("num-beams", ">= 1", args.num_beams)
+    beam_flags = [f for f, v in (("length-penalty", args.length_penalty), ("early-stopping", args.early_stopping),
+                                 ("num-return-sequences", args.num_return_sequences)) if v is not None]
+    if args.num_beams == 1 and beam_flags:
+        raise UserError(f"--{beam_flags[0]} needs --num-beams > 1")
+    if args.num_beams > 1:
+        clash = [f for f, v in (("temperature", args.temperature), ("top-k", args.top_k), ("top-p", args.top_p),
+                                ("min-p", args.min_p), ("repetition-penalty", args.repetition_penalty))
+                if v is not None]
+        clash += [f for f, on in (("stream", args.stream), ("num-samples", args.num_samples > 1)) if on]
+        if clash:
+            raise UserError(f"--num-beams {args.num_beams} is deterministic beam search: it cannot be "
+                            f"combined with --{clash[0]}" + (" (use --num-return-sequences)"
+                                                           if clash[0] == "num-samples" else ""))
+        if args.num_return_sequences is not None and not 1 <= args.num_return_sequences <= args.num_beams:
+            bad("num-return-sequences", f"in [1, --num-beams={args.num_beams}]", args.num_return_sequences)
+    # --- end beam search
     if args.top_k is not None and args.top_k < 1:
         bad("top-k", ">= 1", args.top_k)
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -122,9 +152,11 @@ def run(args) -> int:
     # --num-samples repeats each prompt; rows differ through their row id (per-row RNG).
     rows = [(p, s) for p in range(len(texts)) for s in range(args.num_samples)]
     prompts = [encoded[p] for p, _ in rows]
-    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-              repetition_penalty=args.repetition_penalty, seed=args.seed,
-              eos_id=tok.eot_id if args.stop_at_eot else None)
+    kw = dict(temperature=0.8 if args.temperature is None else args.temperature, top_k=args.top_k,
+              top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+              seed=args.seed, eos_id=tok.eot_id if args.stop_at_eot else None)
+    if args.num_beams > 1:  # --- beam search
+        return _run_beams(args, model, tok, texts, encoded)
 
     def emit(r, new, seconds):
         p, s = rows[r]
@@ -163,5 +195,30 @@ def run(args) -> int:
             emit(r, new, time.perf_counter() - t0)
         else:
             print(text_out.decode(b"", final=True))
+            print(SEPARATOR, flush=True)
+    return 0
+
+
+def _run_beams(args, model, tok, texts, encoded) -> int:
+    """--num-beams: every returned beam of every prompt, best first, with its score."""
+    from jaxgpt.generation import generate
+
+    m = args.num_return_sequences or 1
+    t0 = time.perf_counter()
+    seqs, scores = generate(
+        model, encoded, args.max_new_tokens, num_beams=args.num_beams,
+        length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
+        early_stopping={"false": False, "true": True, "never": "never"}[args.early_stopping or "false"],
+        num_return_sequences=m, eos_id=tok.eot_id if args.stop_at_eot else None, return_scores=True)
+    seconds = time.perf_counter() - t0
+    for r, (new, score) in enumerate(zip(seqs, scores)):
+        p, beam = divmod(r, m)
+        shown = new[:-1] if args.stop_at_eot and new and new[-1] == tok.eot_id else new
+        if args.json:
+            print(json.dumps({"prompt": texts[p], "beam": beam, "score": round(float(score), 6),
+                              "completion": tok.decode(shown), "prompt_tokens": len(encoded[p]),
+                              "new_tokens": len(new), "seconds": round(seconds, 4)}), flush=True)
+        else:
+            print(f"[beam {beam}, score {score:.4f}] " + texts[p] + tok.decode(shown))
             print(SEPARATOR, flush=True)
     return 0

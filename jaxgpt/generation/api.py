@@ -69,13 +69,15 @@ def _per_row(name, value, n, default, check, msg):
     return out
 
 
-def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature=1.0,
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature=None,
              top_k=None, top_p=None, min_p=None, repetition_penalty=None, eos_id=None, seed: int = 0,
-             stream: bool = False, chunk: int = DEFAULT_CHUNK, row_ids=None):
+             stream: bool = False, chunk: int = DEFAULT_CHUNK, row_ids=None, num_beams: int = 1,
+             length_penalty=1.0, early_stopping=False, num_return_sequences: int = 1,
+             return_scores: bool = False):
     """Continue each prompt by up to max_new_tokens tokens; returns the new tokens per prompt.
 
     prompts: token-id lists of any lengths (>= 1 token each; prompts longer than block_size
-      keep their last block_size tokens). temperature 0 means greedy. temperature, top_k,
+      keep their last block_size tokens). temperature 0 means greedy (None: 1.0). temperature, top_k,
       top_p, min_p and repetition_penalty take a scalar or a list with one value per prompt
       (None = off). With eos_id a row ends at, and includes, its first EOS.
     seed: one PRNG key for the call; row i draws from fold_in(key, row_ids[i]) (default
@@ -83,6 +85,13 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
       with its row id reproduces the row generated in a batch.
     stream=True returns an iterator that yields, per decode chunk, a list (per prompt) of the
       tokens produced in that chunk. chunk: decode steps per jitted call.
+    num_beams > 1: beam search with transformers' semantics (jaxgpt/generation/beam.py):
+      length_penalty, early_stopping (False | True | "never") and num_return_sequences (<=
+      num_beams) as in transformers' generate(num_beams=..., do_sample=False). It returns the
+      num_return_sequences best hypotheses of each prompt, best first, as one list grouped by
+      prompt (new tokens; a hypothesis ended by EOS includes it), and with return_scores=True
+      (sequences, scores). It takes no sampling argument, no draft and no stream, and each
+      prompt plus max_new_tokens must fit block_size.
     Bad values raise UserError (also when streaming: the arguments are checked before the
     iterator is returned).
     """
@@ -105,6 +114,17 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
         _check_ids(p, V, f"prompt {i}: token")
     if eos_id is not None:
         _check_ids([eos_id], V, "eos")
+    # --- beam search (jaxgpt/generation/beam.py)
+    if not (isinstance(num_beams, numbers.Integral) and not isinstance(num_beams, bool) and num_beams >= 1):
+        raise UserError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+    if num_beams > 1 or num_return_sequences != 1 or return_scores:
+        return _beams(model, prompts, int(max_new_tokens), int(num_beams), eos_id=eos_id,
+                      length_penalty=length_penalty, early_stopping=early_stopping,
+                      num_return_sequences=num_return_sequences, return_scores=return_scores,
+                      sampling_args=dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                                         min_p=min_p, repetition_penalty=repetition_penalty),
+                      stream=stream, chunk=chunk)
+    # --- end beam search
     temps = _per_row("temperature", temperature, n, 1.0, lambda v: v >= 0, "must be >= 0")
     top_ks = _per_row("top_k", top_k, n, 0, lambda v: v >= 1 and float(v).is_integer(),
                       "must be an integer >= 1")
@@ -173,6 +193,37 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
         for row, new in zip(out, piece):
             row.extend(new)
     return out
+
+
+def _beams(model, prompts, N, K, *, eos_id, length_penalty, early_stopping, num_return_sequences,
+           return_scores, sampling_args, stream, chunk):
+    """generate()'s beam-search branch: validate, run, flatten (see generate's docstring)."""
+    from jaxgpt.generation.beam import beam_search
+
+    given = [name for name, v in sampling_args.items() if v is not None]
+    if given:
+        raise UserError(f"num_beams={K} is beam search (deterministic): it takes no {given[0]}")
+    if stream:
+        raise UserError(f"num_beams={K} cannot stream: beams are reordered until the search ends")
+    if not (isinstance(num_return_sequences, numbers.Integral) and not isinstance(num_return_sequences, bool)
+            and 1 <= num_return_sequences <= K):
+        raise UserError(f"num_return_sequences must be an integer in [1, num_beams={K}], "
+                        f"got {num_return_sequences!r}")
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) \
+            or not np.isfinite(length_penalty):
+        raise UserError(f"length_penalty must be a finite number, got {length_penalty!r}")
+    if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
+        raise UserError(f"early_stopping must be False, True or 'never', got {early_stopping!r}")
+    bs = model.cfg.block_size
+    for i, p in enumerate(prompts):
+        if len(p) + N > bs:
+            raise UserError(f"prompt {i} ({len(p)} tokens) + max_new_tokens={N} exceeds "
+                            f"block_size={bs}: beam search does not slide past the window")
+    seqs, scores = beam_search(model, prompts, N, K, length_penalty=float(length_penalty),
+                               early_stopping=early_stopping, eos_id=eos_id,
+                               num_return_sequences=num_return_sequences, chunk=chunk)
+    flat = [s for row in seqs for s in row]
+    return (flat, [x for row in scores for x in row]) if return_scores else flat
 
 
 def _rows(tokens_nxN: np.ndarray) -> list[list[int]]:
