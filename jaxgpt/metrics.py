@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import time
 
@@ -97,40 +99,219 @@ def _tensorboard_writer(logdir: str):
     return SummaryWriter(logdir)
 
 
-_PEAK_CACHE: dict = {}
+# ----------------------------------------------------------------------------- MFU peak
+# The MFU denominator. Accelerators: the vendor's dense (not 2:4-sparse) peak for the compute
+# dtype, looked up by the exact `device_kind` JAX reports. Unknown accelerators get None (the
+# loop then reports no MFU) instead of a guess: a near-miss name (an A10 for an A100, a MIG
+# slice, an A10G) must not borrow another chip's peak. CPUs have no honest spec number, so the
+# peak there is a measured float matmul, labelled as such.
+#
+# dtype rules:
+# - bfloat16: the dense BF16 tensor-core / MXU peak.
+# - float32 on NVIDIA Ampere and newer: the dense TF32 peak. XLA runs float32 dots on TF32 tensor
+#   cores at JAX's default matmul precision, so that is the rate a float32 step can approach.
+# - V100 and T4 have no BF16 tensor cores (their tensor cores take FP16 only): XLA upcasts bf16
+#   dots to float32 there, so both dtypes use the plain FP32 (CUDA core) peak.
+# - TPU: float32 uses the bf16 peak. At the default matmul precision XLA:TPU runs a float32 dot
+#   as one bfloat16 MXU pass. (With jax_default_matmul_precision="highest", 6 passes, MFU then
+#   reads about 6x lower, which is what the hardware is doing.)
+# - TPU v2/v3 expose each of a chip's two TensorCores as a JAX device: the peak is per core.
 
-# Dense peak FLOP/s per accelerator (bf16 / f32-tf32), from vendor spec sheets.
-_GPU_PEAKS = {"H100": (989e12, 495e12), "H200": (989e12, 495e12), "A100": (312e12, 156e12),
-              "L4": (121e12, 60e12), "A10": (125e12, 62e12), "V100": (125e12, 15.7e12)}
+
+@dataclasses.dataclass(frozen=True)
+class Peak:
+    """A peak FLOP/s for the MFU estimate and where it came from.
+
+    flops: the total over `n_devices` devices (what MFU divides by); per_device: one device's;
+    source: "spec:<device_kind>" (vendor spec sheet) or "measured-matmul (CPU)"."""
+    flops: float
+    per_device: float
+    n_devices: int
+    dtype: str
+    source: str
+
+    def describe(self) -> str:
+        return (f"{self.flops / 1e12:.4g} TFLOP/s {self.dtype} "
+                f"({self.n_devices} x {self.per_device / 1e12:.4g}, {self.source})")
 
 
-def peak_flops(dtype: str) -> float:
-    """Peak FLOP/s of one local device, for the MFU estimate.
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    name: str                 # what the chip is, for humans
+    kinds: tuple[str, ...]    # device_kind strings (and aliases) that mean exactly this chip
+    bf16: float               # dense peak FLOP/s of one JAX device, bfloat16
+    f32: float                # dense peak FLOP/s of one JAX device, float32 (TF32 where it applies)
+    source: str
 
-    GPUs: the spec-sheet number. CPUs have no meaningful spec number, so the peak is the measured
-    throughput of a large float32 matmul on this machine (MFU then reads as "fraction of what the
-    best single matmul achieves here").
-    """
-    dev = jax.local_devices()[0]
-    key = (dev.platform, dev.device_kind, dtype)
-    if key in _PEAK_CACHE:
-        return _PEAK_CACHE[key]
-    peak = None
-    if dev.platform == "gpu":
-        for name, (bf16, f32) in _GPU_PEAKS.items():
-            if name in dev.device_kind:
-                peak = bf16 if dtype == "bfloat16" else f32
-    elif dev.platform == "tpu":
-        peak = 197e12
-    if peak is None:
-        n = 1024
-        a = jnp.ones((n, n), jnp.float32)
+
+_T = 1e12
+_SPECS: tuple[_Spec, ...] = (
+    # --- NVIDIA Hopper. Datasheets print sparse figures: the dense ones are half.
+    _Spec("H100 SXM5", ("NVIDIA H100 80GB HBM3", "H100 SXM", "H100 SXM5"), 989.4 * _T, 494.7 * _T,
+          "NVIDIA H100 Tensor Core GPU datasheet, SXM: BF16 1979 / TF32 989 TFLOPS sparse"),
+    _Spec("H100 PCIe", ("NVIDIA H100 PCIe",), 756.5 * _T, 378.0 * _T,
+          "NVIDIA H100 datasheet, PCIe: BF16 1513 / TF32 756 TFLOPS sparse"),
+    _Spec("H100 NVL", ("NVIDIA H100 NVL",), 835.5 * _T, 417.5 * _T,
+          "NVIDIA H100 datasheet, NVL (per GPU): BF16 1671 / TF32 835 TFLOPS sparse"),
+    _Spec("H200 SXM", ("NVIDIA H200", "H200 SXM"), 989.4 * _T, 494.7 * _T,
+          "NVIDIA H200 datasheet, SXM: BF16 1979 / TF32 989 TFLOPS sparse (H100 SXM's compute)"),
+    _Spec("H200 NVL", ("NVIDIA H200 NVL",), 835.5 * _T, 417.5 * _T,
+          "NVIDIA H200 datasheet, NVL: BF16 1671 / TF32 835 TFLOPS sparse"),
+    _Spec("GH200", ("NVIDIA GH200 480GB", "GH200"), 989.4 * _T, 494.7 * _T,
+          "NVIDIA GH200 Grace Hopper datasheet: BF16 1979 / TF32 989 TFLOPS sparse"),
+    # --- NVIDIA Ampere / Ada
+    _Spec("A100", ("NVIDIA A100-SXM4-40GB", "NVIDIA A100-SXM4-80GB", "NVIDIA A100-PCIE-40GB",
+                   "NVIDIA A100 80GB PCIe", "A100"), 312.0 * _T, 156.0 * _T,
+          "NVIDIA A100 datasheet (all four 40/80GB SXM/PCIe parts): BF16 312 / TF32 156 TFLOPS dense"),
+    _Spec("A10", ("NVIDIA A10",), 125.0 * _T, 62.5 * _T,
+          "NVIDIA A10 datasheet: BF16 125 / TF32 62.5 TFLOPS dense (250 / 125 sparse)"),
+    _Spec("L4", ("NVIDIA L4",), 121.0 * _T, 60.0 * _T,
+          "NVIDIA L4 datasheet: BF16 242 / TF32 120 TFLOPS sparse"),
+    _Spec("L40S", ("NVIDIA L40S",), 362.05 * _T, 183.0 * _T,
+          "NVIDIA L40S datasheet: BF16 362.05 / TF32 183 TFLOPS dense (733 / 366 sparse)"),
+    _Spec("L40", ("NVIDIA L40",), 181.05 * _T, 90.5 * _T,
+          "NVIDIA L40 datasheet: BF16 181.05 / TF32 90.5 TFLOPS dense (362.1 / 181 sparse)"),
+    # --- NVIDIA Volta / Turing: no BF16 or TF32 tensor cores; plain FP32 for both dtypes.
+    _Spec("V100 SXM2", ("Tesla V100-SXM2-16GB", "Tesla V100-SXM2-32GB", "V100 SXM2"),
+          15.7 * _T, 15.7 * _T, "NVIDIA V100 datasheet, SXM2: FP32 15.7 TFLOPS"),
+    _Spec("V100 PCIe", ("Tesla V100-PCIE-16GB", "Tesla V100-PCIE-32GB", "V100 PCIe"),
+          14.0 * _T, 14.0 * _T, "NVIDIA V100 datasheet, PCIe: FP32 14 TFLOPS"),
+    _Spec("V100S PCIe", ("Tesla V100S-PCIE-32GB", "V100S PCIe"), 16.4 * _T, 16.4 * _T,
+          "NVIDIA V100S datasheet: FP32 16.4 TFLOPS"),
+    _Spec("T4", ("Tesla T4",), 8.1 * _T, 8.1 * _T, "NVIDIA T4 datasheet: FP32 8.1 TFLOPS"),
+    # --- Google TPU: bf16 MXU peak per JAX device (Cloud TPU docs, system architecture pages).
+    _Spec("TPU v2", ("TPU v2",), 22.5 * _T, 22.5 * _T,
+          "Cloud TPU docs: v2 chip 45 TFLOPS bf16, 2 TensorCores = 2 JAX devices"),
+    _Spec("TPU v3", ("TPU v3",), 61.5 * _T, 61.5 * _T,
+          "Cloud TPU docs: v3 chip 123 TFLOPS bf16, 2 TensorCores = 2 JAX devices"),
+    _Spec("TPU v4", ("TPU v4",), 275.0 * _T, 275.0 * _T,
+          "Cloud TPU docs, TPU v4: 275 TFLOPS bf16 per chip (megacore: 1 JAX device per chip)"),
+    _Spec("TPU v5e", ("TPU v5 lite", "TPU v5e"), 197.0 * _T, 197.0 * _T,
+          "Cloud TPU docs, TPU v5e: 197 TFLOPS bf16 per chip"),
+    _Spec("TPU v5p", ("TPU v5", "TPU v5p"), 459.0 * _T, 459.0 * _T,
+          "Cloud TPU docs, TPU v5p: 459 TFLOPS bf16 per chip"),
+    _Spec("TPU v6e", ("TPU v6 lite", "TPU v6e"), 918.0 * _T, 918.0 * _T,
+          "Cloud TPU docs, Trillium (v6e): 918 TFLOPS bf16 per chip"),
+)
+
+_VENDOR_PREFIXES = ("nvidia ", "tesla ")
+
+
+def normalize_kind(kind: str) -> str:
+    """The lookup key of a device kind: lowercase, '-'/'_' as spaces, single spaces, no vendor
+    prefix. Matching stays exact on what remains, so "A10" and "A100" stay different chips."""
+    k = " ".join(kind.lower().replace("-", " ").replace("_", " ").split())
+    for p in _VENDOR_PREFIXES:
+        if k.startswith(p):
+            k = k[len(p):]
+    return k
+
+
+def _index() -> dict[str, _Spec]:
+    out: dict[str, _Spec] = {}
+    for spec in _SPECS:
+        for alias in spec.kinds:
+            key = normalize_kind(alias)
+            if key in out:
+                raise AssertionError(f"device kind {alias!r} listed twice ({out[key].name}, {spec.name})")
+            out[key] = spec
+    return out
+
+
+_BY_KIND = _index()
+_ACCELERATOR_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def resolve_dtype(dtype: str, backend: str | None = None) -> str:
+    """"bfloat16" or "float32". "auto" means bfloat16 on GPU/TPU and float32 on CPU, decided by
+    `backend` (default: jax.default_backend())."""
+    d = str(dtype).lower()
+    if d == "auto":
+        backend = jax.default_backend() if backend is None else backend
+        return "bfloat16" if backend.lower() in _ACCELERATOR_BACKENDS else "float32"
+    if d in ("bfloat16", "bf16"):
+        return "bfloat16"
+    if d in ("float32", "f32", "fp32", "tf32"):
+        return "float32"
+    raise ValueError(f"no MFU peak for dtype {dtype!r}: use bfloat16, float32 or auto")
+
+
+def spec_peak(device_kind: str, dtype: str) -> float | None:
+    """Dense spec-sheet peak FLOP/s of one device of this exact kind, or None if not in the table.
+    `dtype` is "bfloat16" or "float32" (resolve "auto" first). Pure: no device is touched."""
+    spec = _BY_KIND.get(normalize_kind(device_kind))
+    if spec is None:
+        return None
+    return spec.bf16 if resolve_dtype(dtype, backend="gpu") == "bfloat16" else spec.f32
+
+
+def spec_source(device_kind: str) -> str | None:
+    """The spec-sheet line behind `spec_peak(device_kind, ...)`, or None."""
+    spec = _BY_KIND.get(normalize_kind(device_kind))
+    return None if spec is None else f"{spec.name}: {spec.source}"
+
+
+_MEASURED: dict = {}
+
+
+def measured_matmul_peak(dtype: str, n: int = 2048, reps: int = 2) -> float:
+    """FLOP/s of the faster of `reps` jitted n x n matmuls on the default device, after a warm-up.
+    2048^2 float32 is ~17 GFLOP a product, ~0.1 s on 2 cores: far from launch-bound."""
+    key = (jax.default_backend(), dtype, n)
+    if key not in _MEASURED:
+        jdt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+        a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32), jdt)
         f = jax.jit(lambda x: x @ x)
         f(a).block_until_ready()
-        t = time.perf_counter()
-        for _ in range(5):
-            r = f(a)
-        r.block_until_ready()
-        peak = 5 * 2 * n ** 3 / (time.perf_counter() - t)
-    _PEAK_CACHE[key] = peak
-    return peak
+        best = math.inf
+        for _ in range(reps):
+            t = time.perf_counter()
+            f(a).block_until_ready()
+            best = min(best, time.perf_counter() - t)
+        _MEASURED[key] = 2 * n ** 3 / best
+    return _MEASURED[key]
+
+
+CPU_SOURCE = "measured-matmul (CPU)"
+
+
+def device_peak(dtype: str, device=None) -> tuple[float, str] | None:
+    """(peak FLOP/s of one device, source) or None for an accelerator missing from the table.
+    CPU: the measured matmul (the simulated devices of one host share its cores, so this is the
+    whole host's figure, not one simulated device's)."""
+    device = jax.local_devices()[0] if device is None else device
+    dt = resolve_dtype(dtype, device.platform)
+    if device.platform == "cpu":
+        return measured_matmul_peak(dt), CPU_SOURCE
+    value = spec_peak(device.device_kind, dt)
+    return None if value is None else (value, f"spec:{device.device_kind}")
+
+
+def mfu_peak(dtype: str, devices=None) -> Peak | None:
+    """The peak of the whole run, the MFU denominator for global tokens/s; None when unknown.
+
+    Accelerators: the sum of each device's spec peak over `devices` (default jax.devices(),
+    every device of every host, so multi-host runs use the global count); None if any device's
+    kind is not in the table. CPU: this host's measured matmul x jax.process_count()."""
+    devices = list(jax.devices() if devices is None else devices)
+    dt = resolve_dtype(dtype, devices[0].platform)
+    if devices[0].platform == "cpu":
+        per = measured_matmul_peak(dt)
+        n = jax.process_count()
+        return Peak(per * n, per, n, dt, CPU_SOURCE)
+    total, kinds = 0.0, []
+    for d in devices:
+        v = spec_peak(d.device_kind, dt)
+        if v is None:
+            return None
+        total += v
+        if d.device_kind not in kinds:
+            kinds.append(d.device_kind)
+    return Peak(total, total / len(devices), len(devices), dt, "spec:" + "+".join(kinds))
+
+
+def peak_flops(dtype: str) -> float | None:
+    """Peak FLOP/s of one local device (the old interface): the spec number on an accelerator
+    in the table, None on one that is not, the measured matmul on CPU. New code: `mfu_peak`."""
+    got = device_peak(dtype)
+    return None if got is None else got[0]
