@@ -121,6 +121,7 @@ class Config:
     eval_interval: int = 250
     eval_steps: int = 10
     save_interval: int = 500
+    async_save: bool = False  # true: train on while a checkpoint is written (a kill may lose up to 2 x save_interval)
     keep: int = 2
     seed: int = 1337
     dtype: str = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU; params stay float32
@@ -276,7 +277,7 @@ def load_preset(path: str) -> dict:
         if os.path.isfile(p):
             try:
                 ns = runpy.run_path(p)
-            except Exception as e:  # a broken preset is user input
+            except (Exception, SystemExit) as e:  # a broken preset is user input (sys.exit too)
                 raise UserError(f"could not read config {p}: {type(e).__name__}: {e}") from None
             ov = ns.get("overrides")
             if not isinstance(ov, dict):

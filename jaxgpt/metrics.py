@@ -16,23 +16,40 @@ from jaxgpt.errors import UserError
 
 
 class MetricsLogger:
+    """metrics.jsonl (one JSON object per row, appended), loss.png, TensorBoard, W&B.
+
+    Resuming: the rows of steps after `resume_step` (the step the run restarts from, which after
+    a fallback to an older checkpoint is that older step) belong to a timeline that is being
+    replayed, so they are dropped when the file is reopened; the rows up to it stay. A line cut
+    short by a kill is dropped too. The file is rewritten through a temporary file and a rename,
+    so a kill during that leaves the old file. The loop writes a saved step's row before the
+    checkpoint, so no row of a step at or before the restored one can go missing.
+    Non-finite values are written as null (NaN is not JSON). A step skipped by nan_policy=skip
+    gets `"skipped": true` (and `skipped_total`) in its row, or a row of its own when it is not
+    a logged step."""
+
     def __init__(self, out_dir: str, resume_step: int, cfg_dict: dict, tensorboard: bool, wandb: bool):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.png = os.path.join(out_dir, "loss.png")
         self.rows: list[dict] = []
-        if os.path.exists(self.path):  # keep history up to the resumed step, drop what follows it
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if row.get("step", 1 << 62) <= resume_step:
-                        self.rows.append(row)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
-        os.replace(tmp, self.path)
+        self._skipped: dict[int, dict] = {}  # marks for rows not yet written
+        try:
+            if os.path.exists(self.path):  # keep history up to the resumed step, drop what follows it
+                with open(self.path, encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        try:
+                            row = json.loads(line)
+                        except json.JSONDecodeError:
+                            continue
+                        step = row.get("step") if isinstance(row, dict) else None
+                        if isinstance(step, int) and step <= resume_step:
+                            self.rows.append(row)
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.rows)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            raise UserError(f"cannot write {self.path}: {e.strerror or e}") from None
         self.tb = self.wb = None
         if tensorboard:
             self.tb = _tensorboard_writer(os.path.join(out_dir, "tb"))
@@ -45,15 +62,28 @@ class MetricsLogger:
             self.wb = wb
             wb.init(project="jaxgpt", config=cfg_dict, resume="allow")
 
+    def mark_skipped(self, step: int, own_row: bool, **fields) -> None:
+        """Step `step` was skipped by nan_policy=skip: mark its row (written later), or write a
+        row of its own when the step is not otherwise logged."""
+        if own_row:
+            self.log({"step": step, **fields, "skipped": True})
+        else:
+            self._skipped[step] = dict(fields, skipped=True)
+
     def log(self, row: dict) -> None:
         row = {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in row.items()}
+        row.update(self._skipped.pop(row["step"], {}))
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot write {self.path}: {e.strerror or e}") from None
         step = row["step"]
         if self.tb is not None:
             for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k, v, step)
         if self.wb is not None:
             self.wb.log({k: v for k, v in row.items() if k != "step"}, step=step)
@@ -76,9 +106,13 @@ class MetricsLogger:
         ax.legend()
         fig.tight_layout()
         tmp = self.png + ".tmp.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, self.png)
+        try:
+            fig.savefig(tmp, dpi=100)
+            os.replace(tmp, self.png)
+        except OSError as e:
+            raise UserError(f"cannot write {self.png}: {e.strerror or e}") from None
+        finally:
+            plt.close(fig)
 
     def close(self) -> None:
         if self.tb is not None:

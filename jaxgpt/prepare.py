@@ -3,6 +3,8 @@
 Output layout (a "data folder"), flat arrays exactly like nanoGPT's so its data folders load too:
   train.bin, val.bin           token ids, raw little-endian uint16 (uint32 if n_vocab > 65536)
   meta.json                    what produced them (see `prepare`); written last
+  .prepare-incomplete          present only while a re-prepare replaces the files of an existing
+                               folder: `load_meta` refuses a folder that has it
 and for document kinds (JSONL input), per split:
   {split}_offsets.npy          int64 [n_docs + 1]: doc i is bin[offsets[i]:offsets[i+1]]
   {split}_prompt_lens.npy      int32 [n_docs] (sft): the first n ids of a doc are the prompt
@@ -36,6 +38,7 @@ STDLIB = "stdlib"
 _ALL_FILES = ("train.bin", "val.bin", "meta.json") + tuple(
     f"{s}_{x}.npy" for s in SPLITS for x in ("offsets", "prompt_lens", "labels"))
 _SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
+INCOMPLETE = ".prepare-incomplete"
 
 
 def storage_dtype(n_vocab: int) -> np.dtype:
@@ -295,8 +298,9 @@ def _write_atomically(out_dir: str, arrays: dict[str, np.ndarray], meta: dict) -
     """All files are written into a temp folder beside out_dir, then moved in with renames.
 
     A fresh out_dir appears in one rename. An existing one may hold other things (often the
-    input text itself), so only our files are replaced, meta.json last: a crash mid-write leaves
-    the old data (or no meta.json), never a meta.json describing half-written bins.
+    input text itself), so only our files are replaced, meta.json last, under an INCOMPLETE
+    marker created first and removed last: a kill mid-way leaves a folder that `load_meta`
+    refuses (a train.bin without meta.json would otherwise pass for a nanoGPT folder).
     """
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -322,6 +326,9 @@ def _write_atomically(out_dir: str, arrays: dict[str, np.ndarray], meta: dict) -
         if not os.path.exists(out_dir):
             os.rename(tmp, out_dir)
             return
+        marker = os.path.join(out_dir, INCOMPLETE)
+        with open(marker, "w") as f:
+            f.write("an interrupted `jaxgpt prepare` was replacing these files; run it again\n")
         old_meta = os.path.join(out_dir, "meta.json")
         if os.path.exists(old_meta):
             os.remove(old_meta)
@@ -330,6 +337,7 @@ def _write_atomically(out_dir: str, arrays: dict[str, np.ndarray], meta: dict) -
                 os.remove(os.path.join(out_dir, name))  # stale file of another kind
         for name in [*arrays, "meta.json"]:
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        os.remove(marker)
     except OSError as e:
         raise UserError(f"cannot write {out_dir}: {e.strerror or e}") from None
     finally:
@@ -372,7 +380,8 @@ def prepare(input: str, out_dir: str, tokenizer: str = "gpt2", val_fraction: flo
         extra = {"files": len(texts), "skipped_files": skipped}
     meta.update(kind=kind, tokenizer=tok.name, vocab_size=tok.n_vocab, eot_id=tok.eot_id,
                 dtype=dtype.name, train_tokens=int(arrays["train.bin"].size),
-                val_tokens=int(arrays["val.bin"].size))
+                val_tokens=int(arrays["val.bin"].size),
+                max_token_id=int(max(int(arrays[f"{s}.bin"].max()) for s in SPLITS)))
     meta.update(extra)
     meta["source"] = input
     _write_atomically(out_dir, arrays, meta)
@@ -405,6 +414,9 @@ def load_meta(data_dir: str) -> dict:
     pickle's vocab_size and an unknown tokenizer (None).
     """
     data_dir = os.fspath(data_dir)
+    if os.path.exists(os.path.join(data_dir, INCOMPLETE)):
+        raise UserError(f"{data_dir} holds the half-replaced files of an interrupted `jaxgpt prepare`; "
+                        "run it again")
     if not os.path.isfile(os.path.join(data_dir, "train.bin")):
         raise _no_data(data_dir)
     meta_path = os.path.join(data_dir, "meta.json")
@@ -418,6 +430,8 @@ def load_meta(data_dir: str) -> dict:
             raise UserError(f"corrupt {meta_path}: not a {DATA_FORMAT} file; re-run `jaxgpt prepare`")
         if meta.get("kind") not in KINDS or meta.get("dtype") not in ("uint16", "uint32"):
             raise UserError(f"corrupt {meta_path}: bad kind or dtype; re-run `jaxgpt prepare`")
+        if not (isinstance(meta.get("vocab_size"), int) and meta["vocab_size"] >= 1):
+            raise UserError(f"corrupt {meta_path}: bad vocab_size; re-run `jaxgpt prepare`")
     else:
         meta = {"format": "nanogpt", "kind": "stream", "tokenizer": "gpt2", "vocab_size": 50257,
                 "eot_id": 50256, "dtype": "uint16"}
@@ -449,5 +463,46 @@ def load_meta(data_dir: str) -> dict:
             for name in needed:
                 if not os.path.isfile(os.path.join(data_dir, f"{split}_{name}.npy")):
                     raise UserError(f"corrupt data folder {data_dir}: {split}_{name}.npy is missing")
+    _check_token_range(data_dir, meta)
     return meta
+
+
+_MAX_SEEN: dict = {}  # (path, size, mtime) -> largest token id, for folders that do not record it
+
+
+def _largest_id(path: str, dtype: str) -> int:
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _MAX_SEEN:
+        tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r") if st.st_size else np.zeros(0, np.uint16)
+        top = -1
+        for i in range(0, len(tokens), 1 << 26):  # ~128 MB of uint16 at a time
+            top = max(top, int(tokens[i:i + (1 << 26)].max()))
+        _MAX_SEEN[key] = top
+    return _MAX_SEEN[key]
+
+
+def _check_token_range(data_dir: str, meta: dict) -> None:
+    """Every token id must be below vocab_size: an id past it would silently index the padded
+    rows of the embedding. `prepare` records the largest id in meta.json. A split of up to 1 GiB
+    is scanned anyway (well under a second, once per process), so a .bin swapped behind
+    meta.json's back is caught too; a larger one is trusted to its recorded value, and only
+    scanned (once per process) when there is none (nanoGPT folders, older prepares)."""
+    vocab = int(meta["vocab_size"])
+    recorded = meta.get("max_token_id")
+    if recorded is not None and (not isinstance(recorded, int) or recorded >= vocab):
+        raise UserError(f"corrupt data folder {data_dir}: meta.json's max_token_id {recorded!r} "
+                        f"is not below its vocab_size {vocab}; re-run `jaxgpt prepare`")
+    for split in SPLITS:
+        path = os.path.join(data_dir, f"{split}.bin")
+        if recorded is not None and os.path.getsize(path) > _SCAN_LIMIT:
+            continue
+        top = _largest_id(path, meta["dtype"])
+        if top >= vocab:
+            raise UserError(f"{path} holds token id {top}, outside the vocabulary of {vocab} ids "
+                            "(prepared with another tokenizer, or corrupt); re-run `jaxgpt prepare`")
+
+
+_SCAN_LIMIT = 1 << 30
+
 

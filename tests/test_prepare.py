@@ -303,7 +303,7 @@ def test_load_meta_validates(tmp_path):
 def test_load_meta_nanogpt_folders(tmp_path):
     d = tmp_path / "shakespeare"
     d.mkdir()
-    np.arange(100, dtype=np.uint16).tofile(d / "train.bin")
+    (np.arange(100, dtype=np.uint16) % 65).tofile(d / "train.bin")  # ids below meta.pkl's 65 below
     np.arange(10, dtype=np.uint16).tofile(d / "val.bin")
     meta = load_meta(str(d))
     assert (meta["tokenizer"], meta["vocab_size"], meta["dtype"]) == ("gpt2", 50257, "uint16")

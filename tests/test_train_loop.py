@@ -110,6 +110,8 @@ def test_an_unfinished_save_does_not_hide_the_previous_checkpoint(data_dir, tmp_
     assert meta["step"] == 4
     run_training(tiny(data_dir, out, max_steps=6), quiet=True)  # resume still works
     assert 6 in list_steps(out)
+    # the resumed writer (the only one: the run lock) removed the dead save's folder
+    assert not [d for d in os.listdir(out) if "orbax-checkpoint-tmp" in d]
 
 
 def _err(capsys, argv):

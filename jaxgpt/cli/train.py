@@ -12,11 +12,19 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    """Exit status: 0 done, 2 bad input (one line), 3 nan_policy stopped the run, 75 stopped by
+    SIGTERM after saving, 130 stopped by Ctrl-C (see jaxgpt/train/faults.py)."""
+    import sys
+
+    from jaxgpt.train.faults import NonFiniteStop
     from jaxgpt.train.loop import run_training
 
     cfg = build_config(args.config, args.overrides)
     try:
         run_training(cfg)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # faults.Interrupted carries 75 (SIGTERM) or 130 (Ctrl-C)
+        return getattr(e, "exit_code", 130)
+    except NonFiniteStop as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     return 0

@@ -28,6 +28,7 @@ from jaxgpt.metrics import MetricsLogger, peak_flops
 from jaxgpt.model import count_params, create_model
 from jaxgpt.train import (AXIS, build_optimizer, eval_step, flops_per_token, init_train_state,
                           lr_schedule, replace_model, shard_batch, train_step)
+from jaxgpt.train import faults
 
 DEFAULT_DATA = Config().data
 
@@ -87,7 +88,15 @@ def _init_params(cfg: Config, meta: dict):
 
 
 def run_training(cfg: Config, quiet: bool = False) -> dict:
-    """Train as configured; returns the last metrics. Raises UserError on bad input."""
+    """Train as configured; returns the last metrics. Raises UserError on bad input,
+    faults.NonFiniteStop (a UserError) when nan_policy stops the run, and faults.Interrupted (a
+    KeyboardInterrupt) after the checkpoint saved on SIGTERM or Ctrl-C."""
+    # FAULTS: the run lock, the SIGTERM/SIGINT handlers and the NaN policy span the run.
+    with faults.RunGuard(cfg, primary=jax.process_index() == 0) as guard:
+        return _run_training(cfg, quiet, guard)
+
+
+def _run_training(cfg: Config, quiet: bool, guard: faults.RunGuard) -> dict:
     devices = jax.local_devices()
     n_local, n_global = len(devices), jax.device_count()
     # A config that cannot work fails before anything is read or prepared (preparing the default
@@ -104,14 +113,15 @@ def run_training(cfg: Config, quiet: bool = False) -> dict:
     cfg.validate(n_global)  # fail fast, before anything is built (again below for init_from)
 
     # ---- resume, or start fresh
-    latest = None
-    if os.path.isdir(cfg.out) and any(d.isdigit() for d in os.listdir(cfg.out)):
+    # FAULTS: from the newest intact checkpoint; damaged ones are reported and moved aside.
+    resume = None
+    if ckpt.has_steps(cfg.out):
         if cfg.resume == "never":
             raise UserError(f"{cfg.out} already holds checkpoints; use resume=auto to continue "
                             "them or a new out= folder (nothing was deleted)")
-        latest = max(ckpt.list_steps(cfg.out))
-    if latest is not None:
-        _, stored = ckpt.read_meta(cfg.out, latest)
+        resume = ckpt.Resume(cfg.out)
+    if resume is not None:
+        stored = resume.meta
         stored_cfg = Config.from_dict(stored["config"])
         if stored.get("tokenizer") != meta.get("tokenizer"):
             raise UserError(f"{cfg.out} was trained with tokenizer {stored.get('tokenizer')!r}, the "
@@ -129,10 +139,10 @@ def run_training(cfg: Config, quiet: bool = False) -> dict:
 
     tx = build_optimizer(cfg)
     state = init_train_state(params, tx, cfg.seed)
-    if latest is not None:
+    if resume is not None:
         train_target = {"opt_state": _flatten_opt(state["opt_state"]), "step": np.zeros((), np.int32),
                         "rng": np.zeros(state["rng"].shape, np.uint32)}
-        _, params, train, _ = ckpt.restore_train_state(cfg.out, state["params"], train_target, latest)
+        _, params, train, _ = resume.restore(state["params"], train_target)
         state = {"params": params, "opt_state": _unflatten_opt(state["opt_state"], train["opt_state"]),
                  "step": jnp.asarray(train["step"], jnp.int32), "rng": jnp.asarray(train["rng"])}
         if not quiet:
@@ -174,7 +184,7 @@ def run_training(cfg: Config, quiet: bool = False) -> dict:
 
     os.makedirs(cfg.out, exist_ok=True)
     logger = MetricsLogger(cfg.out, start_step, cfg.to_dict(), cfg.tensorboard, cfg.wandb)
-    writer = ckpt.CheckpointWriter(cfg.out, cfg.keep)
+    writer = ckpt.CheckpointWriter(cfg.out, cfg.keep, blocking=not cfg.async_save)
     base_meta = {"tokenizer": tokenizer_name, "data_meta": meta, "config": cfg.to_dict()}
     n_params = count_params(create_model_abstract(cfg))
     flops_tok = flops_per_token(cfg, n_params)
@@ -197,6 +207,10 @@ def run_training(cfg: Config, quiet: bool = False) -> dict:
     step = start_step
 
     def save(step_, metrics=None):
+        nonlocal pending
+        if pending is not None:  # FAULTS: a saved step's metrics row is on disk before it
+            logger.log(_report(pending, bar, sched, peak, flops_tok, tokens_per_step))
+            pending = None
         host = jax.tree.map(lambda x: x[0], state)
         writer.save(step_, host["params"],
                     {"opt_state": _flatten_opt(host["opt_state"]), "step": host["step"], "rng": host["rng"]},
@@ -212,13 +226,17 @@ def run_training(cfg: Config, quiet: bool = False) -> dict:
     prev_metrics = None
     try:
         while step < cfg.max_steps:
-            batch = jax.tree.map(host_slice, tr.batch(step))
+            if guard.stop_requested:  # FAULTS: SIGTERM/Ctrl-C stop at a step boundary
+                interrupted = True
+                break
+            batch = guard.batch(step, jax.tree.map(host_slice, tr.batch(step)))  # FAULTS: test faults
             state, metrics = p_step(state, shard_batch(batch, n_local, cfg.grad_accum))
             # At most two steps in flight. An unbounded queue (a long log_interval never syncs)
             # deadlocks XLA:CPU's in-process all-reduce on simulated devices, and holds a
             # batch per queued step in memory on any backend.
             if prev_metrics is not None:
                 jax.block_until_ready(prev_metrics)
+                guard.observe(step, prev_metrics, logger)  # FAULTS: nan_policy, one step late
             prev_metrics = metrics
             step += 1
             bar.update(1)
@@ -234,6 +252,8 @@ def run_training(cfg: Config, quiet: bool = False) -> dict:
                 pending = {"step": step, "m": metrics, "tps": tps}
             steps_timed += 1
             evaluated = step % cfg.eval_interval == 0 or step == cfg.max_steps
+            if evaluated or step % cfg.save_interval == 0:
+                guard.observe(step, metrics, logger)  # FAULTS: no eval or save of a bad step
             if evaluated:
                 last_eval = run_eval(state["params"])
                 row = _report(pending, bar, sched, peak, flops_tok, tokens_per_step) if pending else {"step": step}
@@ -261,17 +281,25 @@ def run_training(cfg: Config, quiet: bool = False) -> dict:
     finally:
         if pending is not None:
             logger.log(_report(pending, bar, sched, peak, flops_tok, tokens_per_step))
+            pending = None  # FAULTS: save() below would log it again
         bar.close()
-        save(step, last_eval if last_eval and step % cfg.eval_interval == 0 else None)
-        writer.close()
-        logger.close()
+        try:
+            if guard.may_save and prev_metrics is not None:  # FAULTS: the last step, before its save
+                guard.observe(step, prev_metrics, logger)
+            if guard.may_save:  # FAULTS: nothing is saved after nan_policy stopped the run
+                save(step, last_eval if last_eval and step % cfg.eval_interval == 0 else None)
+        finally:
+            writer.close()
+            logger.close()
     if stop_reason and not quiet:
         print(stop_reason)
     if not quiet and not interrupted and cfg.task == "lm":
         _print_sample(graphdef, jax.tree.map(lambda x: x[0], state["params"]), tokenizer_name)
     if interrupted:
-        print(f"interrupted at step {step}; checkpoint saved in {cfg.out} (resume=auto continues)")
-        raise KeyboardInterrupt
+        stop = guard.interrupted(step)  # FAULTS: exit code 75 (SIGTERM) or 130 (Ctrl-C)
+        print(f"interrupted at step {step}; " + (f"checkpoint saved in {cfg.out}" if stop.saved else
+              "nothing saved") + " (resume=auto continues from the latest checkpoint)")
+        raise stop
     return {"step": step, **last_eval, "stopped_early": bool(stop_reason)}
 
 
@@ -312,8 +340,10 @@ def _step_key(cfg: Config) -> Config:
     """The part of the config the compiled step depends on (the rest is host-side bookkeeping)."""
     return dataclasses.replace(
         cfg, data="", out="", init_from="", max_steps=cfg.total_decay_steps, decay_steps=0,
-        log_interval=1, eval_interval=1, eval_steps=1, save_interval=1, keep=1, resume="auto",
-        tensorboard=False, wandb=False, early_stop_patience=0)
+        log_interval=1, eval_interval=1, eval_steps=1, save_interval=1, async_save=False, keep=1,
+        resume="auto",
+        tensorboard=False, wandb=False, early_stop_patience=0,
+        nan_policy="stop", nan_max_skips=1)  # FAULTS: host-side, like the rest
 
 
 @functools.lru_cache(maxsize=8)
