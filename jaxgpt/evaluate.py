@@ -17,12 +17,17 @@ from jaxgpt.train import eval_step
 
 
 def evaluate_checkpoint(ckpt_dir: str, data: str | None = None, step: int | None = None,
-                        steps: int | None = None, dtype: str | None = None) -> dict:
+                        steps: int | None = None, dtype: str | None = None,
+                        quantize: str | None = None) -> dict:
     """Train/val loss (and accuracy for classifiers) of a checkpoint; dtype overrides the run's
-    compute dtype (params stay float32)."""
+    compute dtype (params stay float32); quantize="int8" evaluates the int8 weight-only model
+    (jaxgpt/quant.py)."""
     from jaxgpt.prepare import load_meta
+    from jaxgpt.quant import check_mode, quantize_model
 
+    check_mode(quantize)
     model, cfg, meta = load_model(ckpt_dir, step, dtype=dtype)
+    model = quantize_model(model, quantize)
     data = data or cfg.data
     if not os.path.isdir(data):
         raise UserError(f"data folder not found: {data} (pass --data)")
@@ -38,6 +43,8 @@ def evaluate_checkpoint(ckpt_dir: str, data: str | None = None, step: int | None
     bs = max(1, cfg.batch_size // cfg.grad_accum)
     n = steps or cfg.eval_steps
     out = {"step": int(meta.get("step", 0))}
+    if quantize:
+        out["quantize"] = quantize
     for split in ("train", "val"):
         b = Batcher(Dataset(data, split, dmeta), cfg.task, bs, cfg.model.block_size, cfg.seed)
         loss_sum = count = correct = 0.0

@@ -34,7 +34,9 @@ Layout decisions:
 - The embedding table is padded to a multiple of 64 rows (tiling); logits cover the real
   vocabulary only, so a padded id can never be predicted or sampled.
 - Every parameter carries its logical axis names (metadata `logical_axes`, see `logical_axes`):
-  the one place sharding is declared; jaxgpt/train/parallel.py maps them to mesh axes.
+  the one place sharding is declared; jaxgpt/train/parallel.py maps them to mesh axes. The
+  main activations (residual stream, q/k/v heads, MLP hidden) are named too (`_constrain`),
+  a no-op unless a mesh step installs its rules (`activation_sharding`).
 - The `cpu` backend's kernels (jaxgpt/kernels/) replace the no-cache stack and the training
   loss, and generation's decode loop (one-token steps); everything else is this file.
 
@@ -48,6 +50,8 @@ Slots past `length` are never read, so rolling a row back is only lowering its l
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -55,10 +59,38 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgpt import attention as attn
+from jaxgpt import quant
 from jaxgpt.config import ModelConfig
 
 LN_EPS = 1e-5
 REMAT = ("none", "dots", "full")
+
+
+# ---------------------------------------------------------------- activation sharding (a hook)
+# The model names the logical axes of its main activations and knows nothing of meshes. While a
+# mesh step is traced, jaxgpt/train/parallel.py installs a resolver (`activation_sharding`) that
+# turns those names into `with_sharding_constraint`s through its rules table; with none
+# installed (pmap, generation, tests) `_constrain` returns its input. A context variable rather
+# than a model attribute: the same model (graphdef) serves both, and the resolver holds a mesh.
+_ACTIVATION_SHARDING = contextvars.ContextVar("jaxgpt_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(resolve):
+    """Within the block, `resolve(x, logical_axes)` constrains each named activation."""
+    token = _ACTIVATION_SHARDING.set(resolve)
+    try:
+        yield
+    finally:
+        _ACTIVATION_SHARDING.reset(token)
+
+
+def _constrain(x, axes: tuple):
+    resolve = _ACTIVATION_SHARDING.get()
+    return x if resolve is None else resolve(x, axes)
+
+
+_ACT_BxTxD = ("act_batch", "act_seq", "act_embed")  # the residual stream
 
 
 def _param(value, axes) -> nnx.Param:
@@ -137,11 +169,13 @@ class GPT(nnx.Module):
         cfg, dt = self.cfg, self.dtype
         B, T = tokens_BxT.shape
         train = dropout_key is not None and cfg.dropout > 0
-        x_BxTxD = self._embed(tokens_BxT, jnp.arange(T, dtype=jnp.int32)[None, :], dropout_key)
+        x_BxTxD = _constrain(self._embed(tokens_BxT, jnp.arange(T, dtype=jnp.int32)[None, :], dropout_key),
+                             _ACT_BxTxD)
         blocks = self._blocks()
         if self.attention == "cpu" and not train:
             from jaxgpt.kernels import cpu_stack  # the CPU backend's kernel (hand-written VJP)
-            return cpu_stack.stack(blocks, x_BxTxD, cfg.n_head)
+            # int8 weights (jaxgpt/quant.py) reach this float kernel dequantized, once per call.
+            return cpu_stack.stack(quant.dequantize_all(blocks), x_BxTxD, cfg.n_head)
 
         def attend(q, k, v, key):
             y = attn.attend(q, k, v, backend=self.attention, is_causal=True,
@@ -222,6 +256,8 @@ class GPT(nnx.Module):
     # ------------------------------------------------------------------ heads
     def head(self, h_xD):
         """Tied LM head: float32 logits over the real vocabulary (padded ids never appear)."""
+        if quant.is_quantized(self.wte[...]):  # int8 head: per-vocabulary-row scales
+            return quant.matmul_nt(h_xD, self.wte[...], self.dtype, jnp.float32)[..., :self.cfg.vocab_size]
         logits = jnp.einsum("...d,vd->...v", h_xD.astype(self.dtype), self.wte[...].astype(self.dtype),
                             preferred_element_type=jnp.float32)
         return logits[..., :self.cfg.vocab_size]
@@ -239,17 +275,18 @@ class GPT(nnx.Module):
 
     # ------------------------------------------------------------------ pieces
     def layer_params(self) -> list[dict]:
-        """Per-layer parameter dicts: matrices and biases in the compute dtype (cast once),
-        LayerNorm parameters float32."""
+        """Per-layer parameter dicts: matrices and biases in the compute dtype (cast once; an
+        int8 matrix stays int8, see jaxgpt/quant.py), LayerNorm parameters float32."""
         blocks = self._blocks()
-        return [{name: (a[i].astype(self.dtype) if name.startswith(("w_", "b_")) else a[i])
+        return [{name: (quant.compute_weight(a[i], self.dtype) if name.startswith(("w_", "b_")) else a[i])
                  for name, a in blocks.items()} for i in range(self.cfg.n_layer)]
 
     def _blocks(self) -> dict:
         return {k: v[...] for k, v in nnx.to_pure_dict(nnx.state(self.blocks)).items()}
 
     def _embed(self, tokens_BxT, positions_BxT, dropout_key):
-        x_BxTxD = self.wte[...][tokens_BxT] + self.wpe[...][positions_BxT]
+        # .astype: an int8 table (jaxgpt/quant.py) dequantizes only the gathered rows.
+        x_BxTxD = self.wte[...][tokens_BxT].astype(jnp.float32) + self.wpe[...][positions_BxT]
         if dropout_key is not None and self.cfg.dropout > 0:
             x_BxTxD = _dropout(x_BxTxD, self.cfg.dropout, jax.random.fold_in(dropout_key, 1 << 20))
         return x_BxTxD.astype(self.dtype)
@@ -276,7 +313,10 @@ def _layer_norm(x, scale, bias):
 
 
 def _linear(x, w, b, dt):
-    y = jnp.einsum("...i,io->...o", x, w.astype(dt))
+    if quant.is_quantized(w):
+        y = quant.matmul(x, w, dt)
+    else:
+        y = jnp.einsum("...i,io->...o", x, w.astype(dt))
     return y + b.astype(dt) if b is not None else y
 
 
@@ -305,7 +345,8 @@ def _block(cfg: ModelConfig, dt, p, x_BxTxD, attend, key):
     get = p.get
     h = _layer_norm(x_BxTxD, p["ln1_scale"], get("ln1_bias")).astype(dt)
     qkv_BxTx3D = _linear(h, p["w_qkv"], get("b_qkv"), dt)
-    q, k, v = (a.reshape(B, T, H, K) for a in jnp.split(qkv_BxTx3D, 3, axis=-1))
+    q, k, v = (_constrain(a.reshape(B, T, H, K), ("act_batch", "act_seq", "act_heads", "act_kv"))
+               for a in jnp.split(qkv_BxTx3D, 3, axis=-1))
     y_BxTxHxK, aux = attend(q, k, v, key)
     y_BxTxD = _linear(y_BxTxHxK.reshape(B, T, D), p["w_attn_out"], get("b_attn_out"), dt)
     if key is not None:
@@ -313,10 +354,11 @@ def _block(cfg: ModelConfig, dt, p, x_BxTxD, attend, key):
     x_BxTxD = x_BxTxD + y_BxTxD
     h = _layer_norm(x_BxTxD, p["ln2_scale"], get("ln2_bias")).astype(dt)
     h = jax.nn.gelu(_linear(h, p["w_fc"], get("b_fc"), dt), approximate=True)
+    h = _constrain(h, ("act_batch", "act_seq", "act_mlp"))
     y_BxTxD = _linear(h, p["w_mlp_out"], get("b_mlp_out"), dt)
     if key is not None:
         y_BxTxD = _dropout(y_BxTxD, cfg.dropout, jax.random.fold_in(key, 2))
-    return x_BxTxD + y_BxTxD, aux
+    return _constrain(x_BxTxD + y_BxTxD, _ACT_BxTxD), aux
 
 
 def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype=jnp.float32):

@@ -14,6 +14,10 @@ def add_parser(sub):
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
                    help="compute dtype (default: the run's; auto = bfloat16 on GPU/TPU, float32 on CPU)")
+    # --- int8 quantization (jaxgpt/quant.py; choices = quant.MODES, not imported: jax is slow to load)
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="evaluate the int8 weight-only quantized model (the checkpoint is unchanged)")
+    # --- end int8 quantization
     p.set_defaults(func=run)
 
 
@@ -22,7 +26,8 @@ def run(args) -> int:
 
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
-    r = evaluate_checkpoint(args.ckpt, data=args.data, step=args.step, steps=args.steps, dtype=args.dtype)
+    r = evaluate_checkpoint(args.ckpt, data=args.data, step=args.step, steps=args.steps, dtype=args.dtype,
+                            quantize=args.quantize)
     if args.json:
         print(json.dumps(r))
         return 0

@@ -47,9 +47,25 @@ def add_parser(sub):
                    help="beam search: the M best beams of each prompt (default 1; with --json "
                         "each gets a line with its score)")
     # --- end beam search
+    # --- speculative decoding (jaxgpt/generation/speculative.py)
+    p.add_argument("--draft", default=None, metavar="CKPT",
+                   help="a smaller model's run folder (same tokenizer): exact speculative decoding")
+    p.add_argument("--num-draft", type=int, default=None, metavar="K",
+                   help="tokens the draft proposes per round (default 4; needs --draft)")
+    # --- end speculative decoding
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
                    help="compute dtype and KV cache dtype (default: the run's; auto = bfloat16 on "
                         "GPU/TPU, float32 on CPU); the weights on disk are float32 either way")
+    # --- int8 quantization (jaxgpt/quant.py; choices = quant.MODES, not imported: jax is slow to load)
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="serve with int8 weight-only quantization (the checkpoint is unchanged)")
+    # --- end int8 quantization
+    # --- sharded weights (jaxgpt/train/parallel.py)
+    p.add_argument("--mesh", default=None, metavar="AXIS:SIZE,...",
+                   help="serve the weights sharded over a device mesh, e.g. tensor:2 or "
+                        "data:1,fsdp:1,tensor:8 (axes data, fsdp, tensor; one may be -1); greedy "
+                        "output is the same as unsharded")
+    # --- end sharded weights
     p.set_defaults(func=run)
 
 
@@ -73,8 +89,8 @@ def check_args(args) -> None:
         raise UserError(f"--{beam_flags[0]} needs --num-beams > 1")
     if args.num_beams > 1:
         clash = [f for f, v in (("temperature", args.temperature), ("top-k", args.top_k), ("top-p", args.top_p),
-                                ("min-p", args.min_p), ("repetition-penalty", args.repetition_penalty))
-                if v is not None]
+                                ("min-p", args.min_p), ("repetition-penalty", args.repetition_penalty),
+                                ("draft", args.draft)) if v is not None]
         clash += [f for f, on in (("stream", args.stream), ("num-samples", args.num_samples > 1)) if on]
         if clash:
             raise UserError(f"--num-beams {args.num_beams} is deterministic beam search: it cannot be "
@@ -93,6 +109,11 @@ def check_args(args) -> None:
         bad("repetition-penalty", "> 0", args.repetition_penalty)
     if args.seed < 0:
         bad("seed", ">= 0", args.seed)
+    if args.num_draft is not None:  # speculative decoding
+        if args.draft is None:
+            raise UserError("--num-draft needs --draft CKPT")
+        if args.num_draft < 1:
+            bad("num-draft", ">= 1", args.num_draft)
 
 
 def read_prompt_file(path: str) -> list[str]:
@@ -137,7 +158,14 @@ def run(args) -> int:
     from jaxgpt.generation import generate
     from jaxgpt.tokenizer import get_tokenizer
 
-    model, _, meta = load_model(args.ckpt, step=args.step, dtype=args.dtype)
+    mesh = None
+    if args.mesh is not None:  # sharded weights
+        from jaxgpt.train.parallel import as_mesh
+        mesh = as_mesh(args.mesh)
+    model, _, meta = load_model(args.ckpt, step=args.step, dtype=args.dtype, mesh=mesh)
+    if args.quantize:  # int8 quantization
+        from jaxgpt.quant import quantize_model
+        model = quantize_model(model, args.quantize)
     if "tokenizer" not in meta:
         raise UserError(f"checkpoint {args.ckpt} does not name its tokenizer")
     tok = get_tokenizer(meta["tokenizer"])
@@ -157,24 +185,47 @@ def run(args) -> int:
               seed=args.seed, eos_id=tok.eot_id if args.stop_at_eot else None)
     if args.num_beams > 1:  # --- beam search
         return _run_beams(args, model, tok, texts, encoded)
+    # --- speculative decoding: load the draft, check it speaks the model's tokenizer
+    drafting = args.draft is not None
+    if drafting:
+        draft, _, draft_meta = load_model(args.draft, dtype=args.dtype)
+        if draft_meta.get("tokenizer") != meta["tokenizer"] or draft.cfg.vocab_size != model.cfg.vocab_size:
+            raise UserError(
+                f"--draft {args.draft} uses tokenizer {draft_meta.get('tokenizer')!r} with "
+                f"{draft.cfg.vocab_size} ids, the model {meta['tokenizer']!r} with {model.cfg.vocab_size}: "
+                f"the draft must use the same tokenizer and vocabulary")
+        kw.update(draft=draft, num_draft=args.num_draft or 4, return_stats=True)
+    accepted = {}  # row -> draft tokens accepted per round (speculative decoding)
+    # --- end speculative decoding
 
     def emit(r, new, seconds):
         p, s = rows[r]
         shown = new[:-1] if args.stop_at_eot and new and new[-1] == tok.eot_id else new
         if args.json:
-            print(json.dumps({"prompt": texts[p], "sample": s, "completion": tok.decode(shown),
-                              "prompt_tokens": len(prompts[r]), "new_tokens": len(new),
-                              "seconds": round(seconds, 4)}), flush=True)
+            line = {"prompt": texts[p], "sample": s, "completion": tok.decode(shown),
+                    "prompt_tokens": len(prompts[r]), "new_tokens": len(new), "seconds": round(seconds, 4)}
+            if r in accepted:
+                line["draft_accepted_per_round"] = accepted[r]
+            print(json.dumps(line), flush=True)
         elif not args.stream:
             print(texts[p] + tok.decode(shown))
             print(SEPARATOR, flush=True)
+
+    def record(r0, stats):  # speculative decoding: per-row acceptance for --json
+        for i, (a, n) in enumerate(zip(stats.accepted, stats.rounds)):
+            accepted[r0 + i] = round(a / max(n, 1), 4)
 
     if not args.stream:
         t0 = time.perf_counter()
         out = generate(model, prompts, args.max_new_tokens, **kw)
         seconds = time.perf_counter() - t0  # rows generated together share the wall time
+        if drafting:
+            out, stats = out
+            record(0, stats)
         for r, new in enumerate(out):
             emit(r, new, seconds)
+        if drafting and not args.json:
+            _report(stats)
         return 0
 
     for r in range(len(rows)):
@@ -184,19 +235,33 @@ def run(args) -> int:
         if not args.json:
             print(texts[rows[r][0]], end="", flush=True)
         # Half the default chunk: updates every ~0.5 s at ~30 ms per token.
-        for piece in generate(model, [prompts[r]], args.max_new_tokens, stream=True, row_ids=[r],
-                              chunk=16, **kw):
+        pieces = generate(model, [prompts[r]], args.max_new_tokens, stream=True, row_ids=[r],
+                          chunk=16, **kw)
+        if drafting:
+            pieces, stats = pieces
+        for piece in pieces:
             new.extend(piece[0])
             if not args.json:
                 shown = [t for t in piece[0] if not (args.stop_at_eot and t == tok.eot_id)]
                 # Bytes, not text: a multi-byte character can straddle two chunks.
                 print(text_out.decode(tok.decode_bytes(shown)), end="", flush=True)
+        if drafting:
+            record(r, stats)
         if args.json:
             emit(r, new, time.perf_counter() - t0)
         else:
             print(text_out.decode(b"", final=True))
             print(SEPARATOR, flush=True)
+            if drafting:
+                _report(stats)
     return 0
+
+
+def _report(stats) -> None:
+    """Speculative decoding's acceptance, on stderr (stdout keeps only the text)."""
+    print(f"draft: {stats.mean_accepted:.2f} of {stats.num_draft} proposed tokens accepted per round "
+          f"(acceptance {stats.acceptance_rate:.2f}, {stats.tokens_per_round:.2f} tokens per target pass)",
+          file=sys.stderr, flush=True)
 
 
 def _run_beams(args, model, tok, texts, encoded) -> int:

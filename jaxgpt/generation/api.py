@@ -71,7 +71,8 @@ def _per_row(name, value, n, default, check, msg):
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature=None,
              top_k=None, top_p=None, min_p=None, repetition_penalty=None, eos_id=None, seed: int = 0,
-             stream: bool = False, chunk: int = DEFAULT_CHUNK, row_ids=None, num_beams: int = 1,
+             stream: bool = False, chunk: int = DEFAULT_CHUNK, row_ids=None, draft=None,
+             num_draft: int = 4, return_stats: bool = False, num_beams: int = 1,
              length_penalty=1.0, early_stopping=False, num_return_sequences: int = 1,
              return_scores: bool = False):
     """Continue each prompt by up to max_new_tokens tokens; returns the new tokens per prompt.
@@ -85,6 +86,12 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
       with its row id reproduces the row generated in a batch.
     stream=True returns an iterator that yields, per decode chunk, a list (per prompt) of the
       tokens produced in that chunk. chunk: decode steps per jitted call.
+    draft: a smaller model with the same vocabulary turns on exact speculative decoding
+      (jaxgpt/generation/speculative.py): each round it proposes num_draft tokens per row and
+      the model verifies them in one pass. Greedy output is token for token the model's own;
+      sampled output follows exactly the model's filtered distribution (not the same samples
+      as without a draft). return_stats=True (with a draft) returns (result, SpeculativeStats):
+      its mean_accepted is the mean accepted draft tokens per round (a round emits that + 1).
     num_beams > 1: beam search with transformers' semantics (jaxgpt/generation/beam.py):
       length_penalty, early_stopping (False | True | "never") and num_return_sequences (<=
       num_beams) as in transformers' generate(num_beams=..., do_sample=False). It returns the
@@ -122,9 +129,17 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
                       length_penalty=length_penalty, early_stopping=early_stopping,
                       num_return_sequences=num_return_sequences, return_scores=return_scores,
                       sampling_args=dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                                         min_p=min_p, repetition_penalty=repetition_penalty),
+                                         min_p=min_p, repetition_penalty=repetition_penalty,
+                                         draft=draft),
                       stream=stream, chunk=chunk)
     # --- end beam search
+    # --- speculative decoding: validation (jaxgpt/generation/speculative.py)
+    if draft is not None:
+        from jaxgpt.generation.speculative import check_draft
+        check_draft(model, draft, num_draft)
+    elif return_stats:
+        raise UserError("return_stats=True needs a draft model (draft=...)")
+    # --- end speculative decoding
     temps = _per_row("temperature", temperature, n, 1.0, lambda v: v >= 0, "must be >= 0")
     top_ks = _per_row("top_k", top_k, n, 0, lambda v: v >= 1 and float(v).is_integer(),
                       "must be an integer >= 1")
@@ -166,6 +181,15 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
 
     sampling = SamplingParams.make(B, pad(temps, 0.0), pad(top_ks, 0), pad(top_ps, 1.0),
                                    pad(min_ps, 0.0), pad(reps, 1.0))
+    # --- speculative decoding: the same batch, decoded by draft/verify rounds
+    if draft is not None:
+        from jaxgpt.generation import speculative
+        return speculative.run(
+            model, draft, num_draft, tokens=tokens, lengths=lengths, max_new=max_new, eos=eos,
+            row_ids=np.asarray(ids + [0] * (B - n), np.int32), sampling=sampling, flags=flags, n=n,
+            P=P, N=N, S=S, windowed=windowed, seed=seed, stream=stream, chunk=chunk,
+            return_stats=return_stats)
+    # --- end speculative decoding
     graphdef, params = nnx.split(model)
     n_steps = min(int(chunk), 1 << max(N - 2, 0).bit_length())  # no 32-step chunk for 3 tokens
 

@@ -181,6 +181,25 @@ def sample(logits_BxV, params: SamplingParams, flags: SamplingFlags, key, row_id
     return jnp.where(t_B > 0, sampled_B, greedy_B)
 
 
+# --- speculative decoding (jaxgpt/generation/speculative.py): the distribution `sample` draws from
+def filtered_probs(logits_BxV, params: SamplingParams, flags: SamplingFlags, presence_BxV=None):
+    """Each row's next-token distribution exactly as `sample` draws it, as (B, V) float32
+    probabilities: softmax of the penalised, tempered, filtered logits (dropped tokens 0); for
+    greedy rows (temperature 0, or flags.sample False) a one-hot of `sample`'s argmax.
+    presence_BxV: required when flags.repetition_penalty. Speculative decoding's p and q."""
+    x_BxV = logits_BxV.astype(jnp.float32)
+    if flags.repetition_penalty:
+        x_BxV = apply_repetition_penalty(x_BxV, presence_BxV, params.repetition_penalty_B)
+    greedy_BxV = jax.nn.one_hot(first_argmax(x_BxV, axis=-1), x_BxV.shape[-1], dtype=jnp.float32)
+    if not flags.sample:
+        return greedy_BxV
+    t_B = params.temperature_B
+    safe_t_B = jnp.where(t_B > 0, t_B, 1.0)
+    probs_BxV = jax.nn.softmax(filter_logits(x_BxV / safe_t_B[:, None], params, flags), axis=-1)
+    return jnp.where(t_B[:, None] > 0, probs_BxV, greedy_BxV)
+# --- end speculative decoding
+
+
 _DRAW_BLOCK = 256
 
 

@@ -28,6 +28,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxgpt import quant
 from jaxgpt.generation.sampling import first_argmax
 from jaxgpt.model import LN_EPS, _layer_norm, _linear
 
@@ -39,11 +40,12 @@ def prepare(layers: list[dict], wte_VpxD, rows: int, dtype) -> dict:
     """The weights decode reads, for a batch of `rows` rows (see the module docstring).
 
     layers: `GPT.layer_params()` (per-layer dicts, matrices already in the compute dtype).
+    int8 matrices (jaxgpt/quant.py) stay int8 in every layout: their scales move with them.
     """
-    wte = wte_VpxD.astype(dtype)
+    wte = quant.compute_weight(wte_VpxD, dtype)
     if rows == 1:
-        return {"layers": layers, "head_DxVp": jnp.transpose(wte)}
-    out_in = [{(n + "_out_in" if n in _MATRICES else n): (jnp.transpose(a) if n in _MATRICES else a)
+        return {"layers": layers, "head_DxVp": quant.transpose(wte)}
+    out_in = [{(n + "_out_in" if n in _MATRICES else n): (quant.transpose(a) if n in _MATRICES else a)
                for n, a in p.items()} for p in layers]
     return {"layers": out_in, "head_VpxD": wte}
 
@@ -79,11 +81,19 @@ def head(model, h_BxD, weights: dict):
     """(logits_BxV float32 over the real vocabulary, greedy_B or None) in the layout above."""
     V = model.cfg.vocab_size
     if "head_DxVp" in weights:
-        logits = jnp.einsum("bd,dv->bv", h_BxD, weights["head_DxVp"], preferred_element_type=jnp.float32)
+        w = weights["head_DxVp"]
+        if quant.is_quantized(w):
+            logits = quant.matmul(h_BxD, w, model.dtype, jnp.float32)
+        else:
+            logits = jnp.einsum("bd,dv->bv", h_BxD, w, preferred_element_type=jnp.float32)
         return logits[:, :V], None
     # Asking for (B, V) logits makes XLA emit the slow (B, D) @ (D, Vp) form again.
-    logits_VxB = jnp.einsum("vd,bd->vb", weights["head_VpxD"], h_BxD.astype(model.dtype),
-                            preferred_element_type=jnp.float32)[:V]
+    w = weights["head_VpxD"]
+    if quant.is_quantized(w):
+        logits_VxB = quant.matmul_T(w, h_BxD.astype(model.dtype).T, model.dtype, jnp.float32)[:V]
+    else:
+        logits_VxB = jnp.einsum("vd,bd->vb", w, h_BxD.astype(model.dtype),
+                                preferred_element_type=jnp.float32)[:V]
     return logits_VxB.T, first_argmax(logits_VxB, axis=0)
 
 
@@ -158,7 +168,10 @@ def _block_transposed(cfg, dt, p, x_DxB, kv_cache, valid_BxS, start_B):
         return (y + bias[:, None] if bias is not None else y).astype(dt)
 
     def lin(w_OxI, x_IxB, b):
-        y = jnp.einsum("oi,ib->ob", w_OxI.astype(dt), x_IxB)
+        if quant.is_quantized(w_OxI):
+            y = quant.matmul_T(w_OxI, x_IxB, dt)
+        else:
+            y = jnp.einsum("oi,ib->ob", w_OxI.astype(dt), x_IxB)
         return y + b.astype(dt)[:, None] if b is not None else y
 
     h = ln(x_DxB, p["ln1_scale"], get("ln1_bias"))
