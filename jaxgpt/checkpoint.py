@@ -11,6 +11,14 @@ Params and training state are separate items so `eval`/`generate` restore the pa
 through an abstract target built from the stored config (`nnx.eval_shape`), never guessing a
 structure and never allocating twice.
 
+Any layout, any device count: the writer hands Orbax the run's global jax.Arrays as they are
+(sharded under parallel=mesh, one replicated view under pmap); every process of a multi-host
+run saves collectively, each writing the shards it holds, and process 0 commits. A restore
+target carries the shardings of the layout that reads (`restore_target` of a strategy in
+jaxgpt/train/parallel.py, or `load_model(mesh=...)`), so each shard is read straight onto its
+device; without one, the params land whole on the first device. A checkpoint written under
+8-way FSDP thus resumes on one device, on four, under pmap or tensor parallelism.
+
 Crash safety:
 - Orbax writes all three items of a step into `<step>.orbax-checkpoint-tmp*` and renames that
   folder to `<step>` only once every item is written, so a step folder is complete or absent.
@@ -74,16 +82,31 @@ def _version() -> str:
     return __version__
 
 
-def _to_numpy(tree):
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+def _savable(tree):
+    """What Orbax is handed: jax.Arrays as they are, global and possibly sharded (each process
+    writes the shards it holds, collectively, and no process copies a whole sharded model to
+    its host), anything else as numpy."""
+    return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), tree)
 
 
 def _abstract(tree, keep_sharding: bool = False):
-    """Restore targets: plain shapes (restored as host arrays). With keep_sharding, a
-    ShapeDtypeStruct is kept as it is, sharding included (restored straight into that layout:
-    what a resumed run's strategy asks for)."""
-    return jax.tree.map(lambda x: x if keep_sharding and isinstance(x, jax.ShapeDtypeStruct)
-                        else jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+    """Restore targets. With keep_sharding, a leaf's own sharding (a ShapeDtypeStruct's, as a
+    strategy's `restore_target` gives them, or an array's) is kept: Orbax reads each shard
+    straight onto its device, whatever layout wrote the checkpoint. Otherwise, and for a leaf
+    without one, the first local device: never the layout it was written from, whose devices
+    may not exist here (an 8-device run's checkpoint read on one device)."""
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def leaf(x):
+        sharding = getattr(x, "sharding", None) if keep_sharding else None
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding or one)
+    return jax.tree.map(leaf, tree)
+
+
+def sharded_target(abstract_tree, shardings):
+    """ShapeDtypeStructs of `abstract_tree` carrying `shardings`: a restore target."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s),
+                        abstract_tree, shardings)
 
 
 def model_params(model) -> dict:
@@ -140,6 +163,9 @@ class CheckpointWriter:
         self.directory = os.path.abspath(directory)
         self.keep = keep
         self.blocking = blocking
+        # Multi-process: every process saves (Orbax writes each one's shards, process 0 commits);
+        # only process 0 touches the folder otherwise (manifest fallback, retention, clean-up).
+        self.primary = jax.process_index() == 0
         self.failed: UserError | None = None
         self._pending: int | None = None  # the step whose save is in flight
         self._kill_after: int | None = None
@@ -156,7 +182,7 @@ class CheckpointWriter:
             self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
         except OSError as e:
             raise UserError(f"cannot write checkpoints to {self.directory}: {e.strerror or e}") from None
-        for name in os.listdir(self.directory):  # deletions a kill interrupted
+        for name in os.listdir(self.directory) if self.primary else ():  # deletions a kill interrupted
             if name.startswith(_DELETING):
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
@@ -170,8 +196,8 @@ class CheckpointWriter:
         if step in self._mngr.all_steps():  # e.g. Ctrl-C right after a periodic save
             return
         meta = dict(meta, format=FORMAT, step=int(step), jaxgpt_version=_version())
-        args = ocp.args.Composite(params=ocp.args.StandardSave(_to_numpy(params)),
-                                  train=ocp.args.StandardSave(_to_numpy(train_state)),
+        args = ocp.args.Composite(params=ocp.args.StandardSave(_savable(params)),
+                                  train=ocp.args.StandardSave(_savable(train_state)),
                                   meta=ocp.args.JsonSave(meta))
         self._pending = step
         try:
@@ -194,6 +220,9 @@ class CheckpointWriter:
         except Exception as e:
             self._fail(e)
         step_dir = os.path.join(self.directory, str(self._pending))
+        if not self.primary:  # the step is committed (Orbax's barrier); process 0 does the rest
+            self._pending = None
+            return
         if not os.path.isdir(step_dir):
             self._fail(RuntimeError("Orbax did not commit it"))
         if not os.path.exists(os.path.join(step_dir, MANIFEST)):  # (written before the commit)
@@ -245,6 +274,8 @@ class CheckpointWriter:
             self._mngr.reload()
 
     def _remove_tmp(self, step) -> None:
+        if not self.primary:
+            return
         for name in os.listdir(self.directory):  # our own failed save's temporary folder
             if name.startswith(f"{step}{_TMP_MARK}"):
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
@@ -425,7 +456,9 @@ def _restore(ckpt_dir: str, step: int, item: str, target, keep_sharding: bool = 
 def _drop_closed_loop_noise() -> None:
     """A failed Orbax restore leaves tensorstore reads in flight; when they land, their callbacks
     find Orbax's event loop closed, and Python prints that RuntimeError as an "unraisable"
-    traceback. Drop exactly that one; anything else still goes to the previous hook."""
+    traceback. Likewise the other reads of a restore into device shardings, closed when one of
+    them failed: Orbax wraps their GeneratorExit in an exception. Drop exactly those; anything
+    else still goes to the previous hook."""
     prev = sys.unraisablehook
     if getattr(prev, "jaxgpt_closed_loop", False):
         return
@@ -433,6 +466,10 @@ def _drop_closed_loop_noise() -> None:
     def hook(unraisable):
         e = unraisable.exc_value
         if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        code = getattr(getattr(unraisable, "object", None), "cr_code", None)
+        if isinstance(e.__cause__, GeneratorExit) and code is not None and \
+                f"{os.sep}orbax{os.sep}" in code.co_filename:
             return
         prev(unraisable)
 
@@ -519,7 +556,8 @@ def _require(ckpt_dir: str, step: int, ok: dict, bad: dict) -> None:
 
 # ----------------------------------------------------------------------------- loading
 
-def load_model(ckpt_dir: str, step: int | None = None, dtype=None, attention: str = "auto"):
+def load_model(ckpt_dir: str, step: int | None = None, dtype=None, attention: str = "auto",
+               mesh=None):
     """Restore params only, with the config stored in the checkpoint: (model, Config, meta).
 
     Without `step`: the best intact checkpoint by val metric (else the latest); a damaged one
@@ -527,6 +565,9 @@ def load_model(ckpt_dir: str, step: int | None = None, dtype=None, attention: st
     dtype: the compute dtype to serve in (default: the run's `dtype`, whose "auto" means
     bfloat16 on GPU/TPU, float32 on CPU); params stay float32 whatever it is. attention: the
     backend (default auto: the best for this platform, whatever the run trained with).
+    mesh: a jax.sharding.Mesh (axes among data, fsdp, tensor): the params are restored straight
+    into their shardings on it (jaxgpt/train/parallel.py's rules), each device reading only its
+    shards; default: whole, on the first device, whatever layout wrote the checkpoint.
     """
     from jaxgpt.model import abstract_model
 
@@ -556,8 +597,12 @@ def load_model(ckpt_dir: str, step: int | None = None, dtype=None, attention: st
             model = abstract_model(cfg.model, dtype or cfg.dtype, attention)
         except (ValueError, TypeError) as e:
             raise UserError(f"cannot serve {ckpt_dir} that way: {e}") from None
+        target = model_params(model)
+        if mesh is not None:
+            from jaxgpt.train.parallel import model_shardings
+            target = sharded_target(target, model_shardings(mesh, model))
         try:
-            params = _restore(ckpt_dir, s, "params", model_params(model))
+            params = _restore(ckpt_dir, s, "params", target, keep_sharding=mesh is not None)
         except Exception as e:
             why = f"could not restore its params ({type(e).__name__}: {_first_line(e)})"
             if step is not None:
@@ -617,6 +662,8 @@ class Resume:
         raise _none_intact(self.directory, self.bad)
 
     def _move_aside_damaged(self, restored: int) -> None:
+        if jax.process_index() != 0:  # one process renames (every process restored the same step)
+            return
         for s in sorted(self.bad, reverse=True):
             src = os.path.join(self.directory, str(s))
             dst, n = f"{src}.damaged", 1

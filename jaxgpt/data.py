@@ -1,7 +1,9 @@
 """Static-shape training batches read from a folder written by `jaxgpt prepare`.
 
 Every batch is a pure function of (seed, split, step): a resumed run sees exactly the batches an
-uninterrupted one would, and the eval batches are the same at every evaluation.
+uninterrupted one would, and the eval batches are the same at every evaluation. That is also
+what lets the training loop build step s+1's batch on a thread while step s runs
+(jaxgpt/train/prefetch.py), and each process of a multi-host run build only its own rows.
 
 Batch dicts (numpy, global batch B, block size T):
   lm / sft:  tokens (B, T+1) int32, mask (B, T) float32 — mask[b, t] weights the loss of
@@ -16,6 +18,8 @@ from the empty prompt (which `generate` turns into end-of-text) starts a documen
 from __future__ import annotations
 
 import os
+import queue
+import threading
 
 import numpy as np
 
@@ -64,10 +68,20 @@ class Dataset:
 
 
 class Batcher:
-    """Builds the batches of one task from one split at a fixed (batch_size, block_size)."""
+    """Builds the batches of one task from one split at a fixed (batch_size, block_size).
 
-    def __init__(self, ds: Dataset, task: str, batch_size: int, block_size: int, seed: int):
+    rows=(lo, hi): build only rows lo..hi-1 of each global batch (a process of a multi-host run
+    reads only its rows). Every random draw is still made for all batch_size rows, so a row is
+    the same whichever process builds it.
+    """
+
+    def __init__(self, ds: Dataset, task: str, batch_size: int, block_size: int, seed: int,
+                 rows: tuple[int, int] | None = None):
         self.ds, self.task, self.B, self.T, self.seed = ds, task, batch_size, block_size, seed
+        self.lo, self.hi = rows if rows is not None else (0, batch_size)
+        self._ahead: _Prefetcher | None = None
+        if not 0 <= self.lo < self.hi <= batch_size:
+            raise ValueError(f"rows {rows} are not within a batch of {batch_size}")
         if ds.kind == "stream" and len(ds.tokens) < block_size + 1:
             raise UserError(f"model.block_size={block_size} is larger than the {ds.split} data "
                             f"({len(ds.tokens)} tokens); use a smaller block_size or more data")
@@ -112,19 +126,49 @@ class Batcher:
         pool = len(self.docs) if self.docs is not None else self.ds.n_docs
         return max(1, min(eval_steps, -(-pool // self.B)))
 
+    def prefetch(self, step: int, train: bool = True) -> None:
+        """Start building `step`'s batch on a background thread; `batch(step)` then returns it
+        (waiting for it if need be). The training loop asks for step s+1 right after
+        dispatching step s, so the numpy work (memmap reads, document packing) overlaps the
+        device's step instead of preceding it. One batch ahead: a step takes far longer than
+        building its batch, and more would only hold more host memory."""
+        if self._ahead is None:
+            self._ahead = _Prefetcher(lambda key: self._build(*key))
+        self._ahead.request((step, train))
+
     def batch(self, step: int, train: bool = True) -> dict:
+        """The batch of `step`: the prefetched one when it was asked for, else built now (an
+        error while prefetching is raised here, in the caller's thread)."""
+        if self._ahead is not None and self._ahead.pending == (step, train):
+            return self._ahead.take()
+        return self._build(step, train)
+
+    def close(self) -> None:
+        """Stop the prefetch thread, if any."""
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
+
+    def _build(self, step: int, train: bool) -> dict:
         if self.task == "classify":
             return self._classify(step, train)
+        n = self.hi - self.lo
         if self.ds.kind == "stream":
             rng = _rng(self.seed, self.ds.split, step, 0 if train else _EVAL_TAG)
-            starts = rng.integers(0, len(self.ds.tokens) - self.T, self.B)
+            starts = rng.integers(0, len(self.ds.tokens) - self.T, self.B)[self.lo:self.hi]
             toks = np.stack([np.asarray(self.ds.tokens[s:s + self.T + 1], np.int32) for s in starts])
-            return {"tokens": toks, "mask": np.ones((self.B, self.T), np.float32)}
+            return {"tokens": toks, "mask": np.ones((n, self.T), np.float32)}
         ids, weight = self._doc_ids(step, train)
-        toks = np.full((self.B, self.T + 1), self.ds.eot, np.int32)
-        mask = np.zeros((self.B, self.T), np.float32)
+        toks = np.full((n, self.T + 1), self.ds.eot, np.int32)
+        mask = np.zeros((n, self.T), np.float32)
         rng = _rng(self.seed, self.ds.split, step, 1)
         bos = self.task == "lm" and self.ds.kind == "documents"
+        if self.task != "sft":  # the window draws of the rows before ours, from lengths alone
+            for i in ids[:self.lo]:
+                length = int(self.ds.offsets[i + 1] - self.ds.offsets[i]) + bos
+                if length > self.T + 1:
+                    rng.integers(0, length - self.T)
+        ids, weight = ids[self.lo:self.hi], weight[self.lo:self.hi]
         for r, i in enumerate(ids):
             d = self.ds.doc(i)
             if bos:
@@ -143,14 +187,55 @@ class Batcher:
 
     def _classify(self, step: int, train: bool) -> dict:
         ids, weight = self._doc_ids(step, train)
-        toks = np.full((self.B, self.T), self.ds.eot, np.int32)
-        lengths = np.zeros(self.B, np.int32)
+        ids, weight = ids[self.lo:self.hi], weight[self.lo:self.hi]
+        toks = np.full((len(ids), self.T), self.ds.eot, np.int32)
+        lengths = np.zeros(len(ids), np.int32)
         for r, i in enumerate(ids):
             d = self.ds.doc(i)[-self.T:]  # keep the end: the head reads the last token
             toks[r, :len(d)] = d
             lengths[r] = len(d)
         return {"tokens": toks, "lengths": np.maximum(lengths, 1),
                 "labels": self.ds.labels[ids].astype(np.int32), "weight": weight}
+
+
+class _Prefetcher:
+    """`build(key)` on one daemon thread, for one key at a time (see `Batcher.prefetch`)."""
+
+    def __init__(self, build):
+        self._build = build
+        self._requests: queue.Queue = queue.Queue()
+        self._results: queue.Queue = queue.Queue()
+        self.pending = None  # the key requested and not yet taken
+        self._thread = threading.Thread(target=self._work, name="jaxgpt-prefetch", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (key := self._requests.get()) is not None:
+            try:
+                self._results.put((self._build(key), None))
+            except BaseException as e:  # noqa: BLE001  handed to the caller's thread by take()
+                self._results.put((None, e))
+
+    def request(self, key) -> None:
+        if self.pending is not None:  # an abandoned request: its result is dropped
+            self.take_quietly()
+        self.pending = key
+        self._requests.put(key)
+
+    def take(self):
+        self.pending = None
+        value, error = self._results.get()
+        if error is not None:
+            raise error
+        return value
+
+    def take_quietly(self) -> None:
+        self.pending = None
+        self._results.get()
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._thread.join(timeout=60)
 
 
 def check_labels(train: Dataset, val: Dataset) -> None:

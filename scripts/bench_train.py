@@ -1,6 +1,7 @@
 """Training-step throughput: jaxgpt's real train step vs transformers GPT-2 + torch AdamW.
 
     PYTHONPATH=. python scripts/bench_train.py [--config a b c] [--steps N] [--no-torch]
+        [--parallel pmap mesh]
 
 Prints one JSON line per config: ms/step and tokens/s of our step (compile and warm-up
 excluded, median over --steps timed steps) and, when torch and transformers are installed, the
@@ -54,8 +55,9 @@ def _timed(step, n: int) -> list[float]:
     return times
 
 
-def setup_jax(spec: dict):
-    """(step, info): `step()` runs one real training step and blocks until it is done."""
+def setup_jax(spec: dict, parallel: str = "pmap"):
+    """(step, info): `step()` runs one real training step and blocks until it is done.
+    parallel="mesh": the `parallel=mesh mesh.data=-1` step (jit over a one-device mesh)."""
     from functools import partial
 
     import jax
@@ -76,6 +78,8 @@ def setup_jax(spec: dict):
     tx = build_optimizer(cfg)
     state = init_train_state(nnx.to_pure_dict(params), tx, cfg.seed)
 
+    if parallel == "mesh":
+        return _setup_mesh(cfg, graphdef, state, spec)
     # Exactly the trainer's placement: a leading device axis, pmap over one device, donation.
     devices = jax.local_devices()[:1]
     rep = NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS))
@@ -91,6 +95,33 @@ def setup_jax(spec: dict):
         box["state"], m = p_step(box["state"], batch)
         jax.block_until_ready((box["state"], m))
         box["losses"].append(float(m["loss"][0]))
+
+    t0 = time.perf_counter()
+    step()  # compiles
+    return step, {"compile_s": time.perf_counter() - t0, "losses": box["losses"]}
+
+
+def _setup_mesh(cfg, graphdef, state, spec: dict):
+    """The training loop's mesh strategy (jaxgpt/train/parallel.py) on the first device."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from jaxgpt.config import MeshConfig
+    from jaxgpt.train.parallel import MeshStrategy
+
+    cfg = dataclasses.replace(cfg, parallel="mesh", mesh=MeshConfig(data=-1))
+    strategy = MeshStrategy(cfg, graphdef, devices=jax.local_devices()[:1])
+    toks = _tokens(spec)
+    rows = {"tokens": toks, "mask": np.ones((toks.shape[0], toks.shape[1] - 1), np.float32)}
+    batch = strategy.shard_batch(rows, toks.shape[0])
+    box = {"state": strategy.place(state), "losses": []}
+
+    def step():
+        box["state"], m = strategy.step(box["state"], batch)
+        jax.block_until_ready((box["state"], m))
+        box["losses"].append(float(m["loss"]))
 
     t0 = time.perf_counter()
     step()  # compiles
@@ -136,12 +167,16 @@ def setup_torch(spec: dict):
     return step, {"losses": losses, "attn_implementation": getattr(model.config, "_attn_implementation", None)}
 
 
-def run_config(name: str, n_steps: int, n_warmup: int, rounds: int, with_torch: bool) -> dict:
-    """Times both sides in alternating rounds, so background load on a shared machine hits both
-    alike; each side's figure is the median over all its timed steps."""
+def run_config(name: str, n_steps: int, n_warmup: int, rounds: int, with_torch: bool,
+               parallel: tuple = ("pmap",)) -> dict:
+    """Times every side in alternating rounds, so background load on a shared machine hits them
+    alike; each side's figure is the median over all its timed steps. The first of `parallel`
+    is "ours"; a second (mesh) gets its own figures and mesh_vs_pmap, its tokens/s over pmap's."""
     spec = CONFIGS[name]
     tokens_per_step = spec["batch_size"] * spec["block_size"]
-    sides = {"ours": setup_jax(spec)}
+    sides = {"ours": setup_jax(spec, parallel[0])}
+    for other in parallel[1:]:
+        sides[other] = setup_jax(spec, other)
     if with_torch:
         t = setup_torch(spec)
         if t is not None:
@@ -166,6 +201,11 @@ def run_config(name: str, n_steps: int, n_warmup: int, rounds: int, with_torch: 
            "malloc_tuned": bool(flags and flags.applied.get("malloc")),
            "compile_s": round(info["compile_s"], 2),
            "loss_first": round(info["losses"][0], 4), "loss_last": round(info["losses"][-1], 4)}
+    row["parallel"] = parallel[0]
+    for other in parallel[1:]:
+        row.update(figures(f"{other}_", times[other]))
+        row[f"{other}_loss_first"] = round(sides[other][1]["losses"][0], 4)
+        row[f"{other}_vs_{parallel[0]}"] = round(row[f"{other}_tokens_per_s"] / row["tokens_per_s"], 3)
     if "torch" in sides:
         tinfo = sides["torch"][1]
         row.update(figures("torch_", times["torch"]))
@@ -184,13 +224,19 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=4,
                     help="alternate ours/torch in this many rounds (shares background load fairly)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    ap.add_argument("--parallel", nargs="+", choices=["pmap", "mesh"], default=["pmap"],
+                    help="our step under parallel=pmap and/or parallel=mesh mesh.data=-1 (one device); "
+                         "both: timed side by side, the second reported as <name>_vs_<first>")
     args = ap.parse_args(argv)
+    if len(set(args.parallel)) != len(args.parallel):
+        print("error: --parallel lists a strategy twice", file=sys.stderr)
+        return 2
     if (args.steps is not None and args.steps < 1) or args.warmup < 0 or args.rounds < 1:
         print("error: --steps and --rounds must be >= 1, --warmup >= 0", file=sys.stderr)
         return 2
     for name in args.config:
         row = run_config(name, args.steps or DEFAULT_STEPS[name], args.warmup, args.rounds,
-                         not args.no_torch)
+                         not args.no_torch, tuple(args.parallel))
         print(json.dumps(row), flush=True)
     return 0
 

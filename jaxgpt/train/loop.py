@@ -1,36 +1,56 @@
-"""The training loop: data, init/resume, the pmapped step, eval, logging, checkpoints.
+"""The training loop: `run_training(cfg)` and the loop itself (`Trainer`).
 
-Multi-host: call `jax.distributed.initialize()` before `run_training` on every host. `pmap` then
-spans all devices of all hosts, the step's `psum`s reduce across hosts, and each host feeds only
-its own slice of the global batch (rows are split by `jax.process_index()`).
+A run, each part given the config once:
+    distributed.initialize(cfg)    join the cluster when there is one (jaxgpt/train/distributed.py)
+    faults.RunGuard(cfg)           run lock, signals, NaN policy (jaxgpt/train/faults.py)
+    checked(cfg)                   validation and the data's meta, before anything is built
+    start.plan(cfg, meta)          resume, init_from or scratch (jaxgpt/train/start.py)
+    parallel.create(cfg, ...)      pmap or mesh, behind one interface (jaxgpt/train/parallel.py)
+    Trainer(...).run()             steps, logging, eval and early stopping, checkpoints
+
+Multi-host: one command per host (`distributed=auto` finds the cluster). Each process builds
+only its rows of every global batch, logs and writes metrics only on process 0, and takes part
+in every checkpoint save (Orbax writes each process's shards).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
+import json
 import os
 import time
-from functools import partial
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxgpt import checkpoint as ckpt
 from jaxgpt.config import Config, ModelConfig
 from jaxgpt.data import Batcher, Dataset, check_labels, check_task
-from jaxgpt.errors import UserError
-from jaxgpt.metrics import MetricsLogger, peak_flops
-from jaxgpt.model import count_params, create_model
-from jaxgpt.train import (AXIS, build_optimizer, eval_step, flops_per_token, init_train_state,
-                          lr_schedule, replace_model, shard_batch, train_step)
-from jaxgpt.train import faults
+from jaxgpt.metrics import MetricsLogger, mfu_peak
+from jaxgpt.model import count_params
+from jaxgpt.train import distributed, faults, parallel, start
+from jaxgpt.train.evaluation import EarlyStopping, Evaluator
+from jaxgpt.train.start import build_model  # noqa: F401  (the run's model; tests import it here)
+from jaxgpt.train.step import flops_per_token, lr_schedule, replace_model
 
 DEFAULT_DATA = Config().data
+
+
+def run_training(cfg: Config, quiet: bool = False) -> dict:
+    """Train as configured; returns the last metrics. Raises UserError on bad input,
+    faults.NonFiniteStop (a UserError) when nan_policy stops the run, and faults.Interrupted (a
+    KeyboardInterrupt) after the checkpoint saved on SIGTERM or Ctrl-C."""
+    distributed.initialize(cfg)  # before anything asks JAX for its devices
+    primary = jax.process_index() == 0
+    # FAULTS: the run lock, the SIGTERM/SIGINT handlers and the NaN policy span the run.
+    with faults.RunGuard(cfg, primary=primary) as guard:
+        cfg, meta = checked(cfg)
+        p = start.plan(cfg, meta)
+        cfg = p.cfg
+        strategy = parallel.create(cfg, nnx.graphdef(start.abstract_model(cfg)))
+        cfg.validate(strategy.n_blocks)  # again: init_from and resume may change the model
+        state, step = start.initial_state(p, strategy, quiet or not primary)
+        return Trainer(cfg, meta, strategy, state, step, guard, quiet or not primary).run()
 
 
 def ensure_data(cfg: Config) -> dict:
@@ -38,290 +58,277 @@ def ensure_data(cfg: Config) -> dict:
     from jaxgpt.prepare import load_meta, prepare
 
     if cfg.data == DEFAULT_DATA and not os.path.exists(os.path.join(cfg.data, "meta.json")):
-        print(f"preparing the embedded default corpus (Python stdlib source) into {cfg.data} ...")
-        prepare("stdlib", cfg.data, tokenizer="byte")
+        if jax.process_index() == 0:
+            print(f"preparing the embedded default corpus (Python stdlib source) into {cfg.data} ...")
+            prepare("stdlib", cfg.data, tokenizer="byte")
+        _barrier("jaxgpt_default_corpus")
     return load_meta(cfg.data)
 
 
-def _flatten_opt(opt_state):
-    leaves = jax.tree.leaves(opt_state)
-    return {f"{i:04d}": x for i, x in enumerate(leaves)}
-
-
-def _unflatten_opt(template, flat):
-    return jax.tree.unflatten(jax.tree.structure(template), [flat[k] for k in sorted(flat)])
-
-
-def _init_params(cfg: Config, meta: dict):
-    """(params, cfg) for a fresh run: from scratch, another checkpoint, or GPT-2."""
-    if cfg.init_from == "scratch":
-        return ckpt.model_params(build_model(cfg, cfg.seed)), cfg
-    if cfg.init_from.startswith("gpt2") and not os.path.isdir(cfg.init_from):
-        from jaxgpt.hf import load_pretrained
-        src_model, src_cfg = load_pretrained(cfg.init_from)
-        src_tok = "gpt2"
-    else:
-        src_model, src_cfg, src_meta = ckpt.load_model(cfg.init_from)
-        src_tok = src_meta.get("tokenizer")
-    if src_tok != meta.get("tokenizer"):
-        raise UserError(f"init_from={cfg.init_from} uses tokenizer {src_tok!r} but the data in "
-                        f"{cfg.data} was prepared with {meta.get('tokenizer')!r}; re-run prepare "
-                        f"with --tokenizer {src_tok}")
-    if src_cfg.model.vocab_size != cfg.model.vocab_size:
-        raise UserError(f"init_from vocab_size {src_cfg.model.vocab_size} != data vocab_size "
-                        f"{cfg.model.vocab_size}")
-    # The architecture comes from the source checkpoint; dropout, block_size (only smaller:
-    # the position table is cropped) and the classification head come from this run.
-    src = src_cfg.model
-    if cfg.model.block_size > src.block_size:
-        raise UserError(f"model.block_size={cfg.model.block_size} exceeds init_from's block_size "
-                        f"{src.block_size}")
-    cfg = replace_model(cfg, n_layer=src.n_layer, n_head=src.n_head, n_embd=src.n_embd,
-                        bias=src.bias)
-    params = ckpt.model_params(build_model(cfg, cfg.seed))  # fresh head, if any
-    src_params = ckpt.model_params(src_model)
-    for k, v in src_params.items():
-        if not k.startswith("cls_"):
-            params[k] = v
-    params["wpe"] = src_params["wpe"][: cfg.model.block_size]
-    return params, cfg
-
-
-def run_training(cfg: Config, quiet: bool = False) -> dict:
-    """Train as configured; returns the last metrics. Raises UserError on bad input,
-    faults.NonFiniteStop (a UserError) when nan_policy stops the run, and faults.Interrupted (a
-    KeyboardInterrupt) after the checkpoint saved on SIGTERM or Ctrl-C."""
-    # FAULTS: the run lock, the SIGTERM/SIGINT handlers and the NaN policy span the run.
-    with faults.RunGuard(cfg, primary=jax.process_index() == 0) as guard:
-        return _run_training(cfg, quiet, guard)
-
-
-def _run_training(cfg: Config, quiet: bool, guard: faults.RunGuard) -> dict:
-    devices = jax.local_devices()
-    n_local, n_global = len(devices), jax.device_count()
-    # A config that cannot work fails before anything is read or prepared (preparing the default
-    # corpus takes minutes). With init_from the model comes from that checkpoint: checked later.
+def checked(cfg: Config) -> tuple[Config, dict]:
+    """(cfg with the data's vocabulary and classes, the data's meta), or a one-line UserError.
+    A config that cannot work fails before anything is read or prepared (preparing the default
+    corpus takes minutes); with init_from the model comes from that checkpoint, checked later."""
     early = cfg if cfg.init_from == "scratch" else dataclasses.replace(cfg, model=ModelConfig())
-    early.validate(n_global)
+    blocks = parallel.check_layout(early, jax.device_count(), model=cfg.init_from == "scratch")
+    early.validate(blocks)
     meta = ensure_data(cfg)
-    kind = meta.get("kind", "stream")
-    check_task(cfg.task, kind)
+    check_task(cfg.task, meta.get("kind", "stream"))
     if cfg.task == "classify":
         check_labels(Dataset(cfg.data, "train", meta), Dataset(cfg.data, "val", meta))
     n_classes = len(meta.get("labels") or []) if cfg.task == "classify" else 0
     cfg = replace_model(cfg, vocab_size=int(meta["vocab_size"]), n_classes=n_classes)
-    cfg.validate(n_global)  # fail fast, before anything is built (again below for init_from)
+    cfg.validate(blocks)
+    return cfg, meta
 
-    # ---- resume, or start fresh
-    # FAULTS: from the newest intact checkpoint; damaged ones are reported and moved aside.
-    resume = None
-    if ckpt.has_steps(cfg.out):
-        if cfg.resume == "never":
-            raise UserError(f"{cfg.out} already holds checkpoints; use resume=auto to continue "
-                            "them or a new out= folder (nothing was deleted)")
-        resume = ckpt.Resume(cfg.out)
-    if resume is not None:
-        stored = resume.meta
-        stored_cfg = Config.from_dict(stored["config"])
-        if stored.get("tokenizer") != meta.get("tokenizer"):
-            raise UserError(f"{cfg.out} was trained with tokenizer {stored.get('tokenizer')!r}, the "
-                            f"data uses {meta.get('tokenizer')!r}")
-        if cfg.init_from != "scratch":
-            cfg = dataclasses.replace(cfg, model=stored_cfg.model)
-        elif stored_cfg.model != cfg.model:
-            raise UserError(f"{cfg.out} holds a run with a different model ({stored_cfg.model}); "
-                            "use a new out= folder")
-        params = ckpt.model_params(build_model(cfg, 0))
-    else:
-        params, cfg = _init_params(cfg, meta)
-    cfg.validate(n_global)
-    tokenizer_name = meta.get("tokenizer")
 
-    tx = build_optimizer(cfg)
-    state = init_train_state(params, tx, cfg.seed)
-    if resume is not None:
-        train_target = {"opt_state": _flatten_opt(state["opt_state"]), "step": np.zeros((), np.int32),
-                        "rng": np.zeros(state["rng"].shape, np.uint32)}
-        _, params, train, _ = resume.restore(state["params"], train_target)
-        state = {"params": params, "opt_state": _unflatten_opt(state["opt_state"], train["opt_state"]),
-                 "step": jnp.asarray(train["step"], jnp.int32), "rng": jnp.asarray(train["rng"])}
-        if not quiet:
-            print(f"resuming from {cfg.out} step {int(train['step'])}")
-    start_step = int(state["step"])
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
-    graphdef = nnx.graphdef(create_model_abstract(cfg))
-    train_ds, val_ds = Dataset(cfg.data, "train", meta), Dataset(cfg.data, "val", meta)
-    micro = cfg.batch_size // (n_global * cfg.grad_accum)
-    host_rows = cfg.batch_size // jax.process_count()
-    tr = Batcher(train_ds, cfg.task, cfg.batch_size, cfg.model.block_size, cfg.seed)
-    eval_bs = micro * n_global
-    ev = {"train": Batcher(train_ds, cfg.task, eval_bs, cfg.model.block_size, cfg.seed),
-          "val": Batcher(val_ds, cfg.task, eval_bs, cfg.model.block_size, cfg.seed)}
-    if not quiet and cfg.task == "sft" and (tr.truncated or tr.dropped):
-        print(f"sft: {tr.truncated} train examples truncated from the left of the prompt, "
-              f"{tr.dropped} dropped (completion longer than block_size={cfg.model.block_size})")
 
-    def host_slice(b):  # this host's rows of a global batch
-        lo = jax.process_index() * (b.shape[0] // jax.process_count())
-        return b[lo:lo + b.shape[0] // jax.process_count()]
+class Trainer:
+    """The loop over steps, and what it does at log, eval and save steps."""
 
-    p_step, p_eval = compiled_steps(graphdef, _step_key(cfg))
+    def __init__(self, cfg: Config, meta: dict, strategy, state: dict, step: int,
+                 guard: faults.RunGuard, quiet: bool):
+        self.cfg, self.strategy, self.state, self.step, self.guard = cfg, strategy, state, step, guard
+        self.quiet, self.primary = quiet, jax.process_index() == 0
+        self.start_step = step
+        self.tokenizer = meta.get("tokenizer")
+        self.batches = TrainBatches(cfg, meta, strategy, guard)
+        self.evaluate = Evaluator(cfg, self.batches.eval, strategy)
+        if self.primary:
+            os.makedirs(cfg.out, exist_ok=True)
+            self.logger = MetricsLogger(cfg.out, step, cfg.to_dict(), cfg.tensorboard, cfg.wandb)
+        else:
+            self.logger = _ReadOnlyLog(cfg.out, step)
+        self.stopping = EarlyStopping(cfg, self.logger.rows)
+        self.writer = ckpt.CheckpointWriter(cfg.out, cfg.keep, blocking=not cfg.async_save)
+        self.base_meta = {"tokenizer": self.tokenizer, "data_meta": meta, "config": cfg.to_dict()}
+        self.meter = Meter(cfg, strategy, step, quiet)
+        self.pending = None  # the log step whose row is written after the next step's dispatch
+        self.prev_metrics = None  # the step in flight before this one
+        self.last_eval: dict = {}
+        self.stop_reason = None
+        self.interrupted = False
 
-    def run_eval(params_rep) -> dict:
-        out = {}
-        for split, b in ev.items():
-            tot = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
-            for i in range(b.eval_passes(cfg.eval_steps)):
-                batch = jax.tree.map(host_slice, b.batch(i, train=False))
-                r = p_eval(params_rep, jax.tree.map(lambda x: x.reshape(n_local, -1, *x.shape[1:]), batch))
-                for k in tot:
-                    if k in r:
-                        tot[k] += float(r[k][0])
-            out[f"{split}_loss"] = tot["loss_sum"] / max(tot["count"], 1.0)
-            if cfg.task == "classify":
-                out[f"{split}_acc"] = tot["correct"] / max(tot["count"], 1.0)
-        return out
+    def run(self) -> dict:
+        try:
+            self._steps()
+        except KeyboardInterrupt:
+            self.interrupted = True
+        finally:
+            self._finish()
+        if self.stop_reason and not self.quiet:
+            print(self.stop_reason)
+        if not self.quiet and not self.interrupted and self.cfg.task == "lm" and jax.process_count() == 1:
+            _print_sample(self.strategy, self.state, self.tokenizer)
+        if self.interrupted:
+            stop = self.guard.interrupted(self.step)  # FAULTS: exit code 75 (SIGTERM) or 130 (Ctrl-C)
+            if self.primary:
+                print(f"interrupted at step {self.step}; " + (f"checkpoint saved in {self.cfg.out}"
+                      if stop.saved else "nothing saved") + " (resume=auto continues from the latest checkpoint)")
+            raise stop
+        return {"step": self.step, **self.last_eval, "stopped_early": bool(self.stop_reason)}
 
-    os.makedirs(cfg.out, exist_ok=True)
-    logger = MetricsLogger(cfg.out, start_step, cfg.to_dict(), cfg.tensorboard, cfg.wandb)
-    writer = ckpt.CheckpointWriter(cfg.out, cfg.keep, blocking=not cfg.async_save)
-    base_meta = {"tokenizer": tokenizer_name, "data_meta": meta, "config": cfg.to_dict()}
-    n_params = count_params(create_model_abstract(cfg))
-    flops_tok = flops_per_token(cfg, n_params)
-    peak = peak_flops(cfg.dtype) * (1 if devices[0].platform == "cpu" else n_local)
-    tokens_per_step = cfg.batch_size * cfg.model.block_size
-    sched = lr_schedule(cfg)
-    select = "val_acc" if cfg.task == "classify" else "val_loss"
-    sign = -1.0 if select == "val_acc" else 1.0
-    best, since_best, last_eval = math.inf, 0, {}
-    for r in logger.rows:  # resumed runs continue the best/patience bookkeeping
-        if r.get(select) is not None:
-            v = sign * r[select]
-            best, since_best = (v, 0) if v < best else (best, since_best + 1)
-
-    # pmap takes a leading device axis. Place the state exactly as pmap returns it, so the
-    # second step does not recompile for a different input placement.
-    rep = NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS))
-    state = jax.device_put(
-        jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n_local, *np.shape(x))), state), rep)
-    step = start_step
-
-    def save(step_, metrics=None):
-        nonlocal pending
-        if pending is not None:  # FAULTS: a saved step's metrics row is on disk before it
-            logger.log(_report(pending, bar, sched, peak, flops_tok, tokens_per_step))
-            pending = None
-        host = jax.tree.map(lambda x: x[0], state)
-        writer.save(step_, host["params"],
-                    {"opt_state": _flatten_opt(host["opt_state"]), "step": host["step"], "rng": host["rng"]},
-                    dict(base_meta, metrics=metrics or {}))
-
-    if not quiet:
-        print(f"model: {n_params / 1e6:.2f}M params | devices: {n_global} x {devices[0].platform} | "
-              f"batch {cfg.batch_size} x {cfg.model.block_size} tokens | steps {start_step}->{cfg.max_steps}")
-    from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=quiet, dynamic_ncols=True, unit="step")
-    t_last, steps_timed, stop_reason, interrupted = None, 0, None, False
-    pending = None  # metrics of the step in flight: read after the next step is dispatched
-    prev_metrics = None
-    try:
-        while step < cfg.max_steps:
+    def _steps(self) -> None:
+        cfg, guard = self.cfg, self.guard
+        while self.step < cfg.max_steps:
             if guard.stop_requested:  # FAULTS: SIGTERM/Ctrl-C stop at a step boundary
-                interrupted = True
+                self.interrupted = True
                 break
-            batch = guard.batch(step, jax.tree.map(host_slice, tr.batch(step)))  # FAULTS: test faults
-            state, metrics = p_step(state, shard_batch(batch, n_local, cfg.grad_accum))
+            batch = self.batches.get(self.step)  # built while the previous step ran
+            self.state, metrics = self.strategy.step(self.state, batch)
+            if self.step + 1 < cfg.max_steps:
+                self.batches.prefetch(self.step + 1)  # built while this step runs
             # At most two steps in flight. An unbounded queue (a long log_interval never syncs)
             # deadlocks XLA:CPU's in-process all-reduce on simulated devices, and holds a
             # batch per queued step in memory on any backend.
-            if prev_metrics is not None:
-                jax.block_until_ready(prev_metrics)
-                guard.observe(step, prev_metrics, logger)  # FAULTS: nan_policy, one step late
-            prev_metrics = metrics
-            step += 1
-            bar.update(1)
-            if pending is not None:  # the previous log step, read after this step was dispatched
-                logger.log(_report(pending, bar, sched, peak, flops_tok, tokens_per_step))
-                pending = None
-            if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                now = time.perf_counter()
-                tps = None
-                if t_last is not None and steps_timed:
-                    tps = tokens_per_step * steps_timed / (now - t_last)
-                t_last, steps_timed = now, 0
-                pending = {"step": step, "m": metrics, "tps": tps}
-            steps_timed += 1
-            evaluated = step % cfg.eval_interval == 0 or step == cfg.max_steps
-            if evaluated or step % cfg.save_interval == 0:
-                guard.observe(step, metrics, logger)  # FAULTS: no eval or save of a bad step
-            if evaluated:
-                last_eval = run_eval(state["params"])
-                row = _report(pending, bar, sched, peak, flops_tok, tokens_per_step) if pending else {"step": step}
-                pending = None
-                # the per-step train_loss stays; the eval's train-split loss gets its own key
-                logger.log({**row, **{("eval_train_" + k[6:] if k.startswith("train_") else k): v
-                                      for k, v in last_eval.items()}})
-                logger.plot()
-                bar.write(" | ".join([f"step {step}"] + [f"{k} {v:.4f}" for k, v in last_eval.items()]))
-                v = sign * last_eval[select]
-                if v < best:
-                    best, since_best = v, 0
-                    save(step, last_eval)  # the best checkpoint is always kept
-                else:
-                    since_best += 1
-                t_last = None  # eval time is not training throughput
-                if cfg.early_stop_patience and since_best >= cfg.early_stop_patience:
-                    stop_reason = (f"early stopping at step {step}: {select} has not improved for "
-                                   f"{since_best} evals (best {sign * best:.4f})")
-                    break
-            if step % cfg.save_interval == 0:
-                save(step, last_eval if evaluated else None)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        if pending is not None:
-            logger.log(_report(pending, bar, sched, peak, flops_tok, tokens_per_step))
-            pending = None  # FAULTS: save() below would log it again
-        bar.close()
+            if self.prev_metrics is not None:
+                jax.block_until_ready(self.prev_metrics)
+                guard.observe(self.step, self.prev_metrics, self.logger)  # FAULTS: nan_policy, one step late
+            self.prev_metrics = metrics
+            self.step += 1
+            if self._after_step(metrics):
+                break
+
+    def _after_step(self, metrics) -> bool:
+        """Logging, eval, early stopping and the periodic save of the step just dispatched;
+        True to stop (early stopping)."""
+        cfg, step = self.cfg, self.step
+        self.meter.bar.update(1)
+        if self.pending is not None:  # the previous log step, read after this step was dispatched
+            self.logger.log(self.meter.row(self.pending))
+            self.pending = None
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            self.pending = self.meter.log_step(step, metrics)
+        self.meter.count_step()
+        evaluated = step % cfg.eval_interval == 0 or step == cfg.max_steps
+        if evaluated or step % cfg.save_interval == 0:
+            self.guard.observe(step, metrics, self.logger)  # FAULTS: no eval or save of a bad step
+        if evaluated and self._eval(step):
+            return True
+        if step % cfg.save_interval == 0:
+            self.save(step, self.last_eval if evaluated else None)
+        return False
+
+    def _eval(self, step: int) -> bool:
+        """Evaluate, log, keep the best checkpoint; True when early stopping ends the run."""
+        self.last_eval = self.evaluate(self.state["params"])
+        row = self.meter.row(self.pending) if self.pending else {"step": step}
+        self.pending = None
+        # the per-step train_loss stays; the eval's train-split loss gets its own key
+        self.logger.log({**row, **{("eval_train_" + k[6:] if k.startswith("train_") else k): v
+                                   for k, v in self.last_eval.items()}})
+        self.logger.plot()
+        if self.primary:  # (written even when quiet, as the eval line always was)
+            self.meter.bar.write(" | ".join([f"step {step}"] + [f"{k} {v:.4f}" for k, v in self.last_eval.items()]))
+        if self.stopping.update(self.last_eval):
+            self.save(step, self.last_eval)  # the best checkpoint is always kept
+        self.meter.pause()  # eval time is not training throughput
+        self.stop_reason = self.stopping.stop_reason(step)
+        return self.stop_reason is not None
+
+    def save(self, step: int, metrics: dict | None = None) -> None:
+        if self.pending is not None:  # FAULTS: a saved step's metrics row is on disk before it
+            self.logger.log(self.meter.row(self.pending))
+            self.pending = None
+        g = self.strategy.gather(self.state)
+        train = {"opt_state": start.flatten_opt(g["opt_state"]), "step": g["step"], "rng": g["rng"]}
+        self.writer.save(step, g["params"], train, dict(self.base_meta, metrics=metrics or {}))
+
+    def _finish(self) -> None:
+        cfg, guard = self.cfg, self.guard
+        if self.pending is not None:
+            self.logger.log(self.meter.row(self.pending))
+            self.pending = None  # FAULTS: save() below would log it again
+        self.meter.bar.close()
+        self.batches.close()
         try:
-            if guard.may_save and prev_metrics is not None:  # FAULTS: the last step, before its save
-                guard.observe(step, prev_metrics, logger)
+            if guard.may_save and self.prev_metrics is not None:  # FAULTS: the last step, before its save
+                guard.observe(self.step, self.prev_metrics, self.logger)
             if guard.may_save:  # FAULTS: nothing is saved after nan_policy stopped the run
-                save(step, last_eval if last_eval and step % cfg.eval_interval == 0 else None)
+                self.save(self.step, self.last_eval if self.last_eval and self.step % cfg.eval_interval == 0 else None)
         finally:
-            writer.close()
-            logger.close()
-    if stop_reason and not quiet:
-        print(stop_reason)
-    if not quiet and not interrupted and cfg.task == "lm":
-        _print_sample(graphdef, jax.tree.map(lambda x: x[0], state["params"]), tokenizer_name)
-    if interrupted:
-        stop = guard.interrupted(step)  # FAULTS: exit code 75 (SIGTERM) or 130 (Ctrl-C)
-        print(f"interrupted at step {step}; " + (f"checkpoint saved in {cfg.out}" if stop.saved else
-              "nothing saved") + " (resume=auto continues from the latest checkpoint)")
-        raise stop
-    return {"step": step, **last_eval, "stopped_early": bool(stop_reason)}
+            self.writer.close()
+            self.logger.close()
 
 
-def _report(p, bar, sched, peak, flops_tok, tokens_per_step) -> dict:
-    """The metrics row of a log step (and the progress bar's postfix)."""
-    m, step = jax.device_get(jax.tree.map(lambda x: x[0], p["m"])), p["step"]
-    row = {"step": step, "train_loss": float(m["loss"]), "lr": float(sched(step - 1)),
-           "grad_norm": float(m["grad_norm"])}
-    if "acc" in m:
-        row["train_acc"] = float(m["acc"])
-    if p["tps"]:
-        row["tokens_per_s"] = p["tps"]
-        row["mfu"] = p["tps"] * flops_tok / peak
-    post = {"loss": f"{row['train_loss']:.4f}", "lr": f"{row['lr']:.2e}"}
-    if p["tps"]:
-        post["tok/s"] = f"{p['tps']:.0f}"
-        post["mfu"] = f"{100 * row['mfu']:.1f}%"
-    bar.set_postfix(post)
-    return row
+class TrainBatches:
+    """This process's rows of each global batch: train batches built one step ahead on a
+    thread (`Batcher.prefetch`), the eval batchers, and their placement."""
+
+    def __init__(self, cfg: Config, meta: dict, strategy, guard):
+        self.cfg, self.strategy, self.guard = cfg, strategy, guard
+        T = cfg.model.block_size
+        train_ds, val_ds = Dataset(cfg.data, "train", meta), Dataset(cfg.data, "val", meta)
+        self.train = Batcher(train_ds, cfg.task, cfg.batch_size, T, cfg.seed,
+                             rows=strategy.rows(cfg.batch_size))
+        eval_bs = cfg.batch_size // cfg.grad_accum  # one micro-batch per block, as a step's
+        self.eval = {split: Batcher(ds, cfg.task, eval_bs, T, cfg.seed, rows=strategy.rows(eval_bs))
+                     for split, ds in (("train", train_ds), ("val", val_ds))}
+        if cfg.task == "sft" and (self.train.truncated or self.train.dropped) and jax.process_index() == 0:
+            print(f"sft: {self.train.truncated} train examples truncated from the left of the prompt, "
+                  f"{self.train.dropped} dropped (completion longer than block_size={T})")
+
+    def prefetch(self, step: int) -> None:
+        self.train.prefetch(step)
+
+    def get(self, step: int):
+        rows = self.guard.batch(step, self.train.batch(step))  # FAULTS: test faults
+        return self.strategy.shard_batch(rows, self.cfg.batch_size)
+
+    def close(self) -> None:
+        self.train.close()
 
 
-def _print_sample(graphdef, params, tokenizer_name, n_tokens: int = 256) -> None:
+class Meter:
+    """The progress bar, tokens/s between log steps, MFU, and the metrics row of a log step."""
+
+    def __init__(self, cfg: Config, strategy, start_step: int, quiet: bool):
+        from tqdm.auto import tqdm
+
+        devices = jax.devices()
+        n_params = count_params(start.abstract_model(cfg))
+        self.flops_tok = flops_per_token(cfg, n_params)
+        self.peak = mfu_peak(cfg.dtype)  # every device of every host (None: unknown accelerator)
+        self.tokens_per_step = cfg.batch_size * cfg.model.block_size
+        self.sched = lr_schedule(cfg)
+        self.strategy = strategy
+        self.t_last, self.steps_timed = None, 0
+        if not quiet:
+            print(f"model: {n_params / 1e6:.2f}M params | devices: {len(devices)} x {devices[0].platform}, "
+                  f"{strategy.describe()} | batch {cfg.batch_size} x {cfg.model.block_size} tokens | "
+                  f"steps {start_step}->{cfg.max_steps}")
+        self.bar = tqdm(total=cfg.max_steps, initial=start_step, disable=quiet, dynamic_ncols=True, unit="step")
+
+    def count_step(self) -> None:
+        self.steps_timed += 1
+
+    def pause(self) -> None:
+        self.t_last = None
+
+    def log_step(self, step: int, metrics) -> dict:
+        """What a log step remembers until its row is written (one step later)."""
+        now = time.perf_counter()
+        tps = None
+        if self.t_last is not None and self.steps_timed:
+            tps = self.tokens_per_step * self.steps_timed / (now - self.t_last)
+        self.t_last, self.steps_timed = now, 0
+        return {"step": step, "m": metrics, "tps": tps}
+
+    def row(self, p: dict) -> dict:
+        """The metrics row of a log step (and the progress bar's postfix)."""
+        m, step = self.strategy.host(p["m"]), p["step"]
+        row = {"step": step, "train_loss": float(m["loss"]), "lr": float(self.sched(step - 1)),
+               "grad_norm": float(m["grad_norm"])}
+        if "acc" in m:
+            row["train_acc"] = float(m["acc"])
+        post = {"loss": f"{row['train_loss']:.4f}", "lr": f"{row['lr']:.2e}"}
+        if p["tps"]:
+            row["tokens_per_s"] = p["tps"]
+            post["tok/s"] = f"{p['tps']:.0f}"
+            if self.peak is not None:
+                row["mfu"] = p["tps"] * self.flops_tok / self.peak.flops
+                post["mfu"] = f"{100 * row['mfu']:.1f}%"
+        self.bar.set_postfix(post)
+        return row
+
+
+class _ReadOnlyLog:
+    """Processes other than 0 write no metrics; they read the history of a resumed run (for
+    early stopping's bookkeeping, which every process must agree on)."""
+
+    def __init__(self, out: str, resume_step: int):
+        self.rows = []
+        try:
+            with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= resume_step:
+                        self.rows.append(row)
+        except OSError:
+            pass
+
+    def log(self, row: dict) -> None:
+        pass
+
+    def mark_skipped(self, step: int, own_row: bool, **fields) -> None:
+        pass
+
+    def plot(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _print_sample(strategy, state, tokenizer_name, n_tokens: int = 256) -> None:
     """A sample from <|endoftext|> at the end of a run: the quickest check of what was learned."""
     from jaxgpt.generation import generate
     from jaxgpt.tokenizer import get_tokenizer
@@ -329,40 +336,8 @@ def _print_sample(graphdef, params, tokenizer_name, n_tokens: int = 256) -> None
     if tokenizer_name is None:
         return
     tok = get_tokenizer(tokenizer_name)
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(strategy.graphdef, strategy.params_for_sampling(state))
     out = generate(model, [[tok.eot_id]], n_tokens, temperature=0.8, top_k=40, seed=0)[0]
     print("---- sample (temperature 0.8, top-k 40) ----")
     print(tok.decode(out))
     print("--------------------------------------------")
-
-
-def _step_key(cfg: Config) -> Config:
-    """The part of the config the compiled step depends on (the rest is host-side bookkeeping)."""
-    return dataclasses.replace(
-        cfg, data="", out="", init_from="", max_steps=cfg.total_decay_steps, decay_steps=0,
-        log_interval=1, eval_interval=1, eval_steps=1, save_interval=1, async_save=False, keep=1,
-        resume="auto",
-        tensorboard=False, wandb=False, early_stop_patience=0,
-        nan_policy="stop", nan_max_skips=1)  # FAULTS: host-side, like the rest
-
-
-@functools.lru_cache(maxsize=8)
-def compiled_steps(graphdef, cfg: Config):
-    """pmapped (train_step, eval_step), cached so runs in one process share compilations."""
-    tx = build_optimizer(cfg)
-    p_step = jax.pmap(partial(train_step, graphdef=graphdef, tx=tx, task=cfg.task),
-                      axis_name=AXIS, donate_argnums=(0,))
-    p_eval = jax.pmap(partial(eval_step, graphdef=graphdef, task=cfg.task), axis_name=AXIS)
-    return p_step, p_eval
-
-
-def build_model(cfg: Config, seed: int):
-    """The run's model: its compute dtype, attention backend and remat policy resolved here."""
-    try:
-        return create_model(cfg.model, seed, cfg.dtype, cfg.attention, cfg.remat)
-    except ValueError as e:  # an explicit backend that cannot serve this model or platform
-        raise UserError(str(e)) from None
-
-
-def create_model_abstract(cfg: Config):
-    return nnx.eval_shape(lambda: build_model(cfg, 0))

@@ -81,23 +81,34 @@ def loss_fn_for(task: str):
 
 
 # ---------------------------------------------------------------- steps
-def train_step(state: dict, batch: dict, *, graphdef, tx, task: str, axis_name: str | None = AXIS):
+def train_step(state: dict, batch: dict, *, graphdef, tx, task: str, axis_name: str | None = AXIS,
+               row_blocks: tuple | None = None):
     """One optimizer step on this device's shard.
 
     state: {"params", "opt_state", "step" (), "rng" (key)} — replicated, donated by the caller.
     batch: this device's shard, every leaf shaped (grad_accum, micro_batch, ...).
     With axis_name=None the step runs without collectives (one device, tests, no pmap).
+    row_blocks: (n, spmd_axes), for jit over a device mesh (axis_name=None, the batch global).
+      Each micro-batch is n equal blocks of rows, block j being the rows pmap's device j would
+      hold, and each block's loss is computed as on that device: its dropout key folds in j
+      (pmap folds in the device index), and the chunked loss walks the block's own tokens. The
+      blocks are vmapped with spmd_axis_name=spmd_axes, the mesh axes the batch is split over.
     """
     loss_sums = loss_fn_for(task)
     step_key = jax.random.fold_in(state["rng"], state["step"])
     if axis_name is not None:  # different dropout on every device
         step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
 
+    def micro_loss(p, mb, i):
+        if row_blocks is None:
+            return loss_sums(graphdef, p, mb, jax.random.fold_in(step_key, i))
+        return _blocked_loss(loss_sums, graphdef, p, mb, step_key, i, *row_blocks)
+
     def micro(carry, xs):
         grads_acc, loss_acc, n_acc, extra_acc = carry
         mb, i = xs
         def f(p):
-            s, n, extra = loss_sums(graphdef, p, mb, jax.random.fold_in(step_key, i))
+            s, n, extra = micro_loss(p, mb, i)
             return s, (n, extra)
         (s, (n, extra)), g = jax.value_and_grad(f, has_aux=True)(state["params"])
         add = partial(jax.tree.map, jnp.add)
@@ -135,6 +146,18 @@ def train_step(state: dict, batch: dict, *, graphdef, tx, task: str, axis_name: 
         metrics["acc"] = extra["correct"] / count
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
     return new_state, metrics
+
+
+def _blocked_loss(loss_sums, graphdef, params, mb, step_key, i, n: int, spmd_axes):
+    """loss_sums of a global micro-batch as n row blocks, block j as pmap's device j computes
+    it (see train_step's row_blocks): dropout key fold_in(fold_in(step_key, j), i)."""
+    def one(block, j):
+        return loss_sums(graphdef, params, block, jax.random.fold_in(jax.random.fold_in(step_key, j), i))
+    if n == 1:  # no vmap over a single block (the one-device mesh runs pmap's exact program)
+        return one(mb, 0)
+    blocks = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), mb)
+    s, c, extra = jax.vmap(one, spmd_axis_name=spmd_axes)(blocks, jnp.arange(n))
+    return s.sum(), c.sum(), jax.tree.map(jnp.sum, extra)
 
 
 def eval_step(params, batch: dict, *, graphdef, task: str, axis_name: str | None = AXIS):
