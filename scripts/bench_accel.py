@@ -13,6 +13,12 @@ Prints one JSON line per measurement (and appends them to DIR/bench_accel.jsonl)
   and in float32 with attention=xla (the reference decode) vs attention=cpu (the CPU kernels'
   layouts: head-major cache, transposed activations), which the issue asks to measure on a GPU
   before keeping them there.
+- mesh: the 124M train step (bf16, remat=full, one micro-batch of 16 x 1024) under the training
+  loop's two strategies, `parallel=pmap` and `parallel=mesh mesh.data=-1`: tokens/s each.
+- decoding: bf16 GPT-2 124M (random weights), prompt 64, 128 new tokens, through
+  `jaxgpt.generate`: int8 weight-only against bf16 at B = 1, 8, 64; beam search K=4 at B = 1, 8;
+  speculative decoding (k=4) at B = 1 with a random 4 x 128 draft (acceptance ~0: the cost of a
+  round) and with the target as its own draft (acceptance 1: the ceiling), against plain greedy.
 --dry-run: the same code on tiny shapes and few steps, on any backend (the suite runs it on CPU).
 """
 
@@ -195,18 +201,130 @@ def bench_generate(batches, variants, dry: bool, out: str | None) -> None:
             _emit(row, out)
 
 
+def bench_mesh(dry: bool, out: str | None) -> None:
+    """parallel=pmap vs parallel=mesh mesh.data=-1 on every local device: the loop's strategies."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jaxgpt.config import Config, MeshConfig, ModelConfig
+    from jaxgpt.model import create_model
+    from jaxgpt.train import parallel
+    from jaxgpt.train.step import build_optimizer, init_train_state
+
+    if dry:
+        mcfg, micro, steps = ModelConfig(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=64), 2, 2
+    else:
+        mcfg, micro, steps = ModelConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12,
+                                         n_embd=768), 16, 10
+    _, kind = _device()
+    n = jax.device_count()
+    rng = np.random.default_rng(0)
+    rows = {"tokens": rng.integers(0, mcfg.vocab_size, (micro * n, mcfg.block_size + 1)).astype(np.int32),
+            "mask": np.ones((micro * n, mcfg.block_size), np.float32)}
+    base = Config(model=mcfg, dtype="bfloat16", remat="full", batch_size=micro * n, warmup_steps=0,
+                  max_steps=1000)
+    for name, cfg in (("pmap", base), ("mesh", dataclasses.replace(base, parallel="mesh", mesh=MeshConfig(data=-1)))):
+        row = {"bench": "train_mesh" if not dry else "train_mesh_dry", "device": kind, "devices": n,
+               "parallel": name, "dtype": "bfloat16", "remat": "full", "micro_batch": micro}
+        try:
+            model = create_model(mcfg, 0, "bfloat16", remat="full")
+            graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            st = parallel.create(cfg, graphdef)
+            state = st.place(init_train_state(params, build_optimizer(cfg), 0))
+            del model, params
+            batch = st.shard_batch(rows, cfg.batch_size)
+            t0 = time.perf_counter()
+            state, m = st.step(state, batch)
+            jax.block_until_ready(m)
+            compile_s = time.perf_counter() - t0
+            state, m = st.step(state, batch)
+            jax.block_until_ready(m)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                state, m = st.step(state, batch)
+            jax.block_until_ready((state, m))
+            dt = (time.perf_counter() - t0) / steps
+            row.update(ms_per_step=round(1e3 * dt, 2), tokens_per_s=round(cfg.batch_size * mcfg.block_size / dt),
+                       loss=float(st.host(m)["loss"]), compile_s=round(compile_s, 1))
+            del state
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        _emit(row, out)
+
+
+def bench_decoding(dry: bool, out: str | None) -> None:
+    """int8 vs bf16 decode, beam search, speculative decoding, all through jaxgpt.generate."""
+    import numpy as np
+
+    from jaxgpt import quant
+    from jaxgpt.config import ModelConfig
+    from jaxgpt.generation import generate
+    from jaxgpt.model import create_model
+
+    if dry:
+        mcfg, dcfg, P, N, batches = (ModelConfig(vocab_size=256, block_size=128, n_layer=2, n_head=2, n_embd=64),
+                                     ModelConfig(vocab_size=256, block_size=128, n_layer=1, n_head=2, n_embd=32),
+                                     8, 8, [2])
+    else:
+        mcfg, dcfg, P, N, batches = (ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+                                     ModelConfig(vocab_size=50257, block_size=1024, n_layer=4, n_head=4, n_embd=128),
+                                     64, 128, [1, 8, 64])
+    _, kind = _device()
+    target = create_model(mcfg, 0, "bfloat16")
+    rng = np.random.default_rng(2)
+
+    def timed(fn, reps=2):
+        fn()  # compile
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            r = fn()
+        return (time.perf_counter() - t0) / reps, r
+
+    def emit(**row):
+        _emit({"bench": "decoding" if not dry else "decoding_dry", "device": kind, "dtype": "bfloat16",
+               "prompt": P, "new_tokens": N, **row}, out)
+
+    try:
+        q_target = quant.quantize_model(target, "int8")
+        for B in batches:
+            prompts = rng.integers(0, mcfg.vocab_size, (B, P)).tolist()
+            t_b, _ = timed(lambda: generate(target, prompts, N, temperature=0))
+            t_q, _ = timed(lambda: generate(q_target, prompts, N, temperature=0))
+            emit(what="int8", batch=B, bf16_tok_s=round(B * N / t_b, 1), int8_tok_s=round(B * N / t_q, 1),
+                 speedup=round(t_b / t_q, 2))
+        for B in batches[:2]:
+            prompts = rng.integers(0, mcfg.vocab_size, (B, P)).tolist()
+            t_g, _ = timed(lambda: generate(target, prompts, N, temperature=0))
+            t_k, _ = timed(lambda: generate(target, prompts, N, num_beams=4))
+            emit(what="beam4", batch=B, greedy_tok_s=round(B * N / t_g, 1), beam_tok_s=round(B * N / t_k, 1))
+        prompts = rng.integers(0, mcfg.vocab_size, (1, P)).tolist()
+        t_g, _ = timed(lambda: generate(target, prompts, N, temperature=0))
+        for name, draft in (("random_draft", create_model(dcfg, 1, "bfloat16")), ("self_draft", target)):
+            t_s, (_, stats) = timed(lambda: generate(target, prompts, N, temperature=0, draft=draft,
+                                                     num_draft=4, return_stats=True))
+            emit(what="speculative", draft=name, batch=1, k=4, greedy_tok_s=round(N / t_g, 1),
+                 spec_tok_s=round(N / t_s, 1), speedup=round(t_g / t_s, 2),
+                 accept_rate=round(stats.acceptance_rate, 3))
+    except Exception as e:
+        emit(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", nargs="*", help="train and/or generate (default: both)")
+    ap.add_argument("what", nargs="*", help="train, generate, mesh, decoding (default: all)")
     ap.add_argument("--out", default=None, help="folder for bench_accel.jsonl")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes, any backend (CPU in the suite)")
     ap.add_argument("--attention", nargs="+", default=None)
     ap.add_argument("--remat", nargs="+", default=None, help="default: none dots full (dry run: full)")
     ap.add_argument("--batch", nargs="+", type=int, default=None, help="default: 1 8 64 (dry run: 2)")
     args = ap.parse_args()
-    args.what = args.what or ["train", "generate"]
-    if set(args.what) - {"train", "generate"}:
-        ap.error(f"unknown benchmark(s) {sorted(set(args.what) - {'train', 'generate'})}")
+    known = ["train", "generate", "mesh", "decoding"]
+    args.what = args.what or known
+    if set(args.what) - set(known):
+        ap.error(f"unknown benchmark(s) {sorted(set(args.what) - set(known))}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     import jax
@@ -220,6 +338,10 @@ def main() -> None:
     if "generate" in args.what:
         variants = [("bfloat16", "auto"), ("float32", "xla"), ("float32", "cpu")]
         bench_generate(batches, variants, args.dry_run, args.out)
+    if "mesh" in args.what:
+        bench_mesh(args.dry_run, args.out)
+    if "decoding" in args.what:
+        bench_decoding(args.dry_run, args.out)
 
 
 if __name__ == "__main__":

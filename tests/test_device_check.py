@@ -24,6 +24,13 @@ def test_device_check_dry_run_writes_every_measurement(tmp_path):
     assert {(row["dtype"], row["backend"]) for row in gen} == {
         ("bfloat16", "xla"), ("float32", "xla"), ("float32", "cpu")}
     assert all(row["ms_per_step"] > 0 and row["roofline_ms_3_35"] > 0 for row in gen)
+    mesh = {row["parallel"]: row for row in rows if row["bench"] == "train_mesh_dry"}
+    assert set(mesh) == {"pmap", "mesh"} and all(r["tokens_per_s"] > 0 for r in mesh.values())
+    assert abs(mesh["pmap"]["loss"] - mesh["mesh"]["loss"]) < 1e-2  # the same step, the same batch
+    dec = [row for row in rows if row["bench"] == "decoding_dry"]
+    assert {row["what"] for row in dec} == {"int8", "beam4", "speculative"}
+    spec = {row["draft"]: row for row in dec if row["what"] == "speculative"}
+    assert spec["self_draft"]["accept_rate"] == 1.0  # the target as its own draft accepts everything
 
 
 def test_device_check_rejects_a_bad_flag(tmp_path):
