@@ -58,6 +58,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 import uuid
 import zlib
 
@@ -241,6 +242,10 @@ class CheckpointWriter:
             pass
         self._remove_tmp(step)
         self._failed_step = step
+        # The failed write's other tensorstore writes fail too; asyncio logs each one, with its
+        # traceback, when its future is collected ("exception was never retrieved"). The run
+        # reports the failure in one line below, and it is ending: drop those records.
+        logging.getLogger("asyncio").addFilter(_drop_unretrieved)
         older = [s for s in _step_numbers(self.directory) if s != step or committed]
         kept = (f"the latest checkpoint is step {max(older)}, intact" if older
                 else "there is no earlier checkpoint")
@@ -273,12 +278,20 @@ class CheckpointWriter:
         if doomed:
             self._mngr.reload()
 
-    def _remove_tmp(self, step) -> None:
+    def _remove_tmp(self, step, settle: float = 0.0) -> None:
+        """Remove our own failed save's temporary folder. settle: keep removing it for this
+        long: after a failed write (a full disk), a write of Orbax's that is not joined (the
+        item's `_sharding` file) can re-create the folder after it was removed."""
         if not self.primary:
             return
-        for name in os.listdir(self.directory):  # our own failed save's temporary folder
-            if name.startswith(f"{step}{_TMP_MARK}"):
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        deadline = time.monotonic() + settle
+        while True:
+            for name in os.listdir(self.directory):
+                if name.startswith(f"{step}{_TMP_MARK}"):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.1)
 
     def wait(self) -> None:
         self._settle()
@@ -294,7 +307,7 @@ class CheckpointWriter:
                 if self.failed is None:
                     raise
             if self._failed_step is not None:  # writes of the failed save that were still in
-                self._remove_tmp(self._failed_step)  # flight may have re-created its folder
+                self._remove_tmp(self._failed_step, settle=1.0)  # flight may re-create its folder
 
 
 def _manifest_then_commit(spec=None):
@@ -451,6 +464,10 @@ def _restore(ckpt_dir: str, step: int, item: str, target, keep_sharding: bool = 
     except Exception:
         _drop_closed_loop_noise()
         raise
+
+
+def _drop_unretrieved(record: logging.LogRecord) -> bool:
+    return "exception was never retrieved" not in record.getMessage()
 
 
 def _drop_closed_loop_noise() -> None:
