@@ -457,7 +457,7 @@ def _check(ckpt_dir: str, step: int, items: tuple, deep: bool) -> dict:
 
 
 def _restore(ckpt_dir: str, step: int, item: str, target, keep_sharding: bool = False):
-    path = os.path.join(ckpt_dir, str(step), item)
+    path = os.path.abspath(os.path.join(ckpt_dir, str(step), item))  # Orbax takes absolute paths only
     try:
         with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as c:
             return c.restore(path, args=ocp.args.StandardRestore(_abstract(target, keep_sharding)))

@@ -50,8 +50,10 @@ def _curve(out):
     return [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
 
 
-def test_resume_equals_uninterrupted_bit_for_bit(data_dir, ref8, tmp_path):
-    a, b = ref8, str(tmp_path / "b")
+def test_resume_equals_uninterrupted_bit_for_bit(data_dir, ref8, tmp_path, monkeypatch):
+    # a relative out= (as `out/<run>`, the default, is): Orbax's restore takes absolute paths only
+    monkeypatch.chdir(tmp_path)
+    a, b = ref8, "b"
     run_training(tiny(data_dir, b, max_steps=4), quiet=True)
     run_training(tiny(data_dir, b, max_steps=8), quiet=True)
     pa, pb = _params(a, 8), _params(b, 8)
