@@ -33,7 +33,7 @@ def _pair(cfg, seed=0):
     return ref, cpu
 
 
-@pytest.mark.parametrize("bias, T", [(True, 130), (False, 128)])  # 3 query chunks (ragged), 2
+@pytest.mark.parametrize("bias, T", [(True, 130), pytest.param(False, 128, marks=pytest.mark.slow)])  # 3 query chunks (ragged), 2
 def test_stack_and_loss_equal_the_reference_in_values_and_gradients(bias, T):
     cfg = ModelConfig(vocab_size=67, block_size=T, n_layer=2, n_head=2, n_embd=16, bias=bias)
     ref, cpu = _pair(cfg)

@@ -7,9 +7,24 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
+def test_bench_accel_dry_run_train_and_generate(tmp_path):
+    """The default suite's share: the train step and decode measurements on tiny shapes."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_accel.py"), "train", "generate",
+                        "--dry-run", "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = [json.loads(line) for line in open(tmp_path / "bench_accel.jsonl")]
+    assert rows and all("error" not in row for row in rows), rows
+    assert {row["bench"] for row in rows} == {"train_dry", "generate_dry"}
+
+
+@pytest.mark.slow  # the whole script, mesh and decoding rows included (CI's slow pass)
 def test_device_check_dry_run_writes_every_measurement(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "device_check.sh"), str(tmp_path), "--dry-run"],

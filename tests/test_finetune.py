@@ -216,6 +216,7 @@ def _position_losses(model, batch):
     return float(losses[prompt].mean()), float(losses[mask > 0].mean())
 
 
+@pytest.mark.slow  # trains an SFT run (the SFT mask test stays in the default suite)
 def test_sft_loss_leaves_the_prompt_out(rev, lm_run, sft_run):
     ds = Dataset(rev["data"], "val", load_meta(rev["data"]))
     batch = Batcher(ds, "sft", 64, MODEL.block_size, seed=0).batch(0, train=False)
@@ -239,6 +240,7 @@ def test_sft_loss_leaves_the_prompt_out(rev, lm_run, sft_run):
     assert float(s / n) > c_sft + 1.0
 
 
+@pytest.mark.slow  # trains an SFT run (the SFT mask test stays in the default suite)
 def test_sft_answers_held_out_strings_and_stops_at_eot(rev, sft_run, tmp_path, capsys):
     model, cfg, meta = load_model(sft_run)
     assert cfg.task == "sft" and cfg.init_from.endswith("lm") and meta["step"] == SFT_STEPS

@@ -33,7 +33,7 @@ def test_causality_via_gradients():
         assert np.all(row_norm[: t + 1] > 0.0), f"position {t} ignores its past"
 
 
-@pytest.mark.parametrize("attention", ["xla", "cpu"])
+@pytest.mark.parametrize("attention", ["xla", pytest.param("cpu", marks=pytest.mark.slow)])
 def test_cached_forward_equals_full_forward(attention):
     """prefill (7 tokens), extend (2 at once) and decode_step (one at a time) == one full pass."""
     model = create_model(CFG, 1, attention=attention)

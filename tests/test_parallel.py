@@ -95,7 +95,7 @@ def _params_close(a, b, atol=1e-5):
 
 LAYOUTS = [  # pmap's equivalence is also tests/test_train.py's; the slow ones run in CI
     ("fsdp:8", 2),
-    ("fsdp:4,tensor:2", 1),
+    pytest.param("fsdp:4,tensor:2", 1, marks=pytest.mark.slow),
     pytest.param("pmap", 1, marks=pytest.mark.slow),
     pytest.param("data:8", 1, marks=pytest.mark.slow),
     pytest.param("data:2,fsdp:4", 1, marks=pytest.mark.slow),

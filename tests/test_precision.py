@@ -111,7 +111,7 @@ def test_dropout_backward_matches_a_finite_difference():
         nnx.merge(graphdef, p), batch, jax.random.key(8))[0])(params))
 
 
-@pytest.mark.parametrize("remat", ["dots", "full"])
+@pytest.mark.parametrize("remat", [pytest.param("dots", marks=pytest.mark.slow), "full"])
 def test_every_remat_setting_gives_the_loss_and_gradients_of_none(remat):
     cfg = ModelConfig(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
     batch, key = _batch(), jax.random.key(3)  # with dropout: the recompute must redraw the same masks

@@ -142,7 +142,7 @@ def test_quantized_val_loss_is_within_one_percent(trained):
     assert q["val_loss"] != f["val_loss"]  # the int8 weights were really used
 
 
-@pytest.mark.parametrize("attention", ["cpu", "xla"])
+@pytest.mark.parametrize("attention", ["cpu", pytest.param("xla", marks=pytest.mark.slow)])
 def test_quantized_cached_decode_equals_quantized_full_forward(trained, attention):
     """The cached path (prefill + scan decode; with the cpu backend its kernels at one row and
     at several) against the full forward, both with the same int8 weights: each greedy token is
@@ -248,7 +248,8 @@ def _int8_converts(hlo: str):
     return out
 
 
-@pytest.mark.parametrize("attention,rows", [("cpu", 1), ("cpu", 3), ("xla", 3)])
+@pytest.mark.parametrize("attention,rows", [("cpu", 1), pytest.param("cpu", 3, marks=pytest.mark.slow),
+                                            pytest.param("xla", 3, marks=pytest.mark.slow)])
 def test_decode_reads_the_int8_weights(attention, rows, monkeypatch):
     """The compiled decode loop converts int8 weights inside the loop, a chunk at a time: no
     float copy of a whole matrix is made, neither per step nor hoisted out of the loop (which

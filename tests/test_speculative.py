@@ -406,6 +406,7 @@ def ckpts(tmp_path_factory):
     return dirs
 
 
+@pytest.mark.slow  # the CLI error cases stay in the default suite
 def test_cli_draft_matches_the_api(ckpts, capsys):
     from jaxgpt.checkpoint import load_model
     from jaxgpt.tokenizer import get_tokenizer
