@@ -44,6 +44,7 @@ def test_host_blas_custom_call_is_the_product(host_gemm, ta, tb):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # a benchmark script's plumbing; its custom-call equality test stays
 def test_host_blas_step_routes_every_linear_product_and_matches(host_gemm):
     import numpy as np
     import bench_host_blas

@@ -137,6 +137,7 @@ def test_cache_is_sized_to_the_request_and_donated(model):
     assert [G.batch_bucket(n) for n in (1, 3, 5, 9, 100)] == [1, 4, 8, 16, 112]
 
 
+@pytest.mark.slow  # many prompt lengths compiled; batched == single stays
 def test_few_compilations_for_many_prompt_lengths(model):
     rng = np.random.RandomState(0)
     G.STATS.clear()

@@ -52,6 +52,7 @@ def test_cached_forward_equals_full_forward(attention):
     assert cache["length"].tolist() == [12, 12, 12]
 
 
+@pytest.mark.slow  # the generate tests' mixed-length batches cover per-row offsets
 def test_rows_write_at_their_own_offset():
     """Two rows at different cache lengths decode exactly as each would alone."""
     model = create_model(CFG, 2)

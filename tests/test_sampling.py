@@ -179,6 +179,7 @@ def test_greedy_rows_take_the_argmax_and_ignore_randomness():
         np.testing.assert_array_equal(np.asarray(got), np.argmax(np.asarray(x), -1))
 
 
+@pytest.mark.slow  # per-row seeds are also checked by the generate tests
 def test_row_draw_depends_on_row_id_and_step_not_on_batch():
     rng = np.random.RandomState(1)
     x = rng.randn(4, 200).astype(np.float32)
