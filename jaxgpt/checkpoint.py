@@ -134,8 +134,9 @@ def metric_of(meta: dict) -> tuple[str, float] | None:
 class _OrbaxNoise(logging.Filter):
     """Orbax logs through absl: a failed background save logs ERRORs with tracebacks, which the
     writer reports itself as one line. Drop exactly those (Orbax's ERROR records) and its advice
-    on waiting saves; its other warnings still show. (The read-only warnings every command used to print came from opening a
-    read-only CheckpointManager to read; readers no longer open one.)"""
+    on waiting saves; its other warnings still show. (The read-only warnings every command used
+    to print came from opening a read-only CheckpointManager to read; readers no longer open
+    one.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if f"{os.sep}orbax{os.sep}" not in record.pathname:
