@@ -122,3 +122,28 @@ def test_cpu_peak_is_a_labelled_measurement_not_multiplied_by_simulated_devices(
     assert "measured-matmul (CPU)" in p.describe()
     assert metrics.device_peak("float32") == (p.per_device, CPU_SOURCE)
     assert metrics.peak_flops("float32") == p.per_device  # the old interface, same meaning
+
+
+def test_loss_png_is_redrawn_at_most_every_30_s_and_always_at_the_end(tmp_path, monkeypatch):
+    drawn = []
+    from matplotlib.figure import Figure
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(1), real(self, *a, **k)))
+    clock = [1000.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+    log = metrics.MetricsLogger(str(tmp_path), 0, {}, tensorboard=False, wandb=False)
+    log.log({"step": 1, "train_loss": 3.0})
+    log.plot()
+    assert len(drawn) == 1 and (tmp_path / "loss.png").exists()
+    log.log({"step": 2, "train_loss": 2.5, "val_loss": 2.7})
+    clock[0] += 29.0
+    log.plot()
+    assert len(drawn) == 1  # too soon
+    clock[0] += 2.0
+    log.plot()
+    assert len(drawn) == 2
+    log.plot(final=True)
+    assert len(drawn) == 2  # nothing new since the last drawing
+    log.log({"step": 3, "train_loss": 2.2})
+    log.plot(final=True)
+    assert len(drawn) == 3  # the end of a run always draws what is new

@@ -64,6 +64,21 @@ def test_resume_equals_uninterrupted_bit_for_bit(data_dir, ref8, tmp_path, monke
     assert os.path.exists(os.path.join(a, "loss.png"))
 
 
+def test_the_run_ends_with_loss_png_drawn_from_every_row(data_dir, tmp_path, monkeypatch):
+    """Evals redraw loss.png at most every 30 s (tests/test_metrics.py); the end of the run
+    always draws it from every row, the last log rows included."""
+    from jaxgpt import metrics
+
+    calls = []
+    real = metrics.MetricsLogger.plot
+    monkeypatch.setattr(metrics.MetricsLogger, "plot",
+                        lambda self, final=False: (calls.append((final, len(self.rows))), real(self, final))[1])
+    out = str(tmp_path / "run")
+    run_training(tiny(data_dir, out, max_steps=7, eval_interval=4), quiet=True)
+    n_rows = sum(1 for _ in open(os.path.join(out, "metrics.jsonl")))
+    assert calls[-1] == (True, n_rows) and n_rows > calls[0][1]
+
+
 def test_checkpoints_keep_newest_plus_best_and_eval_needs_no_flags(data_dir, tmp_path, capsys):
     out = str(tmp_path / "run")
     run_training(tiny(data_dir, out, max_steps=12, eval_interval=4, save_interval=2, keep=2), quiet=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import jax
+
 from jaxgpt.config import Config
 from jaxgpt.data import Batcher
 
@@ -25,10 +27,16 @@ class Evaluator:
         out = {}
         for split, b in self.batchers.items():
             tot = dict.fromkeys(_SUMS, 0.0)
+            # The host builds the next batch while the device runs this one, and reads the sums
+            # once per split. At most two passes in flight, as in the train loop (an unbounded
+            # queue deadlocks XLA:CPU's in-process all-reduce on simulated devices).
+            sums = []
             for i in range(b.eval_passes(self.cfg.eval_steps)):
                 batch = self.strategy.shard_batch(b.batch(i, train=False), b.B, train=False)
-                sums = self.strategy.evaluate(params, batch)
-                got = self.strategy.host({k: v for k, v in sums.items() if k in tot})
+                if i >= 2:
+                    jax.block_until_ready(sums[i - 2])
+                sums.append({k: v for k, v in self.strategy.evaluate(params, batch).items() if k in tot})
+            for got in self.strategy.host(sums):
                 for k, v in got.items():
                     tot[k] += float(v)
             out[f"{split}_loss"] = tot["loss_sum"] / max(tot["count"], 1.0)

@@ -211,6 +211,8 @@ class Trainer:
                 guard.observe(self.step, self.prev_metrics, self.logger)
             if guard.may_save:  # FAULTS: nothing is saved after nan_policy stopped the run
                 self.save(self.step, self.last_eval if self.last_eval and self.step % cfg.eval_interval == 0 else None)
+            if self.logger.rows:  # the final loss.png (evals redraw it at most every 30 s)
+                self.logger.plot(final=True)
         finally:
             self.writer.close()
             self.logger.close()
@@ -321,7 +323,7 @@ class _ReadOnlyLog:
     def mark_skipped(self, step: int, own_row: bool, **fields) -> None:
         pass
 
-    def plot(self) -> None:
+    def plot(self, final: bool = False) -> None:
         pass
 
     def close(self) -> None:

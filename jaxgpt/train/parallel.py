@@ -365,7 +365,10 @@ class PmapStrategy(Strategy):
         return jax.tree.map(self._stack_replicas, state)
 
     def init(self, params_fn) -> dict:
-        return self.place(init_train_state(params_fn(), self.tx, self.cfg.seed))
+        # One jitted program, not nnx's eager init op by op: every eager op is a small compile
+        # of its own (3.6 s for a 4-layer model on a 2-core CPU, against ~0.7 s). The values are
+        # the same: jax's random bits do not depend on jit.
+        return self.place(jax.jit(lambda: init_train_state(params_fn(), self.tx, self.cfg.seed))())
 
     def _stack_replicas(self, x):
         shape = (self.n_local, *np.shape(x))
