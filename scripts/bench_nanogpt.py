@@ -17,8 +17,11 @@ sensitive than wall_s to other load on a shared machine), startup_s (start to th
 output),
 median_ms_per_iter (nanoGPT: its `iter N: ... time` lines; jaxgpt: tokens_per_s of the rows of
 metrics.jsonl), final_val_loss, and the load averages before and after (the machine is shared:
-compare runs made back to back, not across sessions). Not part of the test suite: it takes
-minutes and needs torch.
+compare runs made back to back, not across sessions), and for jaxgpt compile_cache: cold (its
+persistent compilation cache was empty: every program compiled), warm (loaded from the earlier
+run's cache), or off. --compile-cache fresh (the default) gives each invocation a new cache
+folder, so with --repeats 2 the order is nanoGPT, jaxgpt cold, jaxgpt warm, nanoGPT. Not part of
+the test suite: it takes minutes and needs torch.
 """
 
 from __future__ import annotations
@@ -51,9 +54,9 @@ def jaxgpt_args(iters: int) -> list[str]:
     return ["train", "--config", "configs/shakespeare_char_cpu.py", "eval_steps=20", *extra]
 
 
-def _run(cmd: list[str], cwd: str, log_path: str, first_step: re.Pattern) -> dict:
+def _run(cmd: list[str], cwd: str, log_path: str, first_step: re.Pattern, env_extra=None) -> dict:
     """Run cmd; timestamp its output (split on \\n and \\r, for tqdm) as it arrives."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     load_before = os.getloadavg()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -120,10 +123,14 @@ def run_nanogpt(nanogpt: str, python: str, log_dir: str, i: int, iters: int) -> 
     return r
 
 
-def run_jaxgpt(root: str, python: str, log_dir: str, i: int, iters: int, extra: list[str]) -> dict:
+def run_jaxgpt(root: str, python: str, log_dir: str, i: int, iters: int, extra: list[str],
+               cache: str) -> dict:
     out = tempfile.mkdtemp(prefix=f"jaxgpt_bench_{i}_", dir=log_dir)
+    state = "off" if cache == "off" else ("warm" if os.path.isdir(cache) and os.listdir(cache) else "cold")
     r = _run([python, "-m", "jaxgpt", *jaxgpt_args(iters), f"out={out}", *extra], root,
-             os.path.join(log_dir, f"jaxgpt_{i}.log"), re.compile(r"\b[1-9]\d*/\d+ \["))
+             os.path.join(log_dir, f"jaxgpt_{i}.log"), re.compile(r"\b[1-9]\d*/\d+ \["),
+             {"JAXGPT_COMPILE_CACHE": cache})
+    r["compile_cache"] = state
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     kv = dict(x.split("=", 1) for x in extra if "=" in x)
@@ -147,6 +154,9 @@ def main() -> int:
                     help="training iterations of both (2000 is the comparison; fewer: a smoke run)")
     ap.add_argument("--nanogpt-python", default=sys.executable, help="interpreter with torch")
     ap.add_argument("--log-dir", default=None, help="where run logs go (default: a temp folder)")
+    ap.add_argument("--compile-cache", default="fresh",
+                    help="jaxgpt's JAXGPT_COMPILE_CACHE: fresh (default: a new folder in the log dir, so "
+                         "the first jaxgpt run compiles everything and later ones load it), off, or a folder")
     ap.add_argument("jaxgpt_overrides", nargs="*", metavar="key=value",
                     help="extra jaxgpt train overrides (the comparison itself uses none)")
     args = ap.parse_args()
@@ -159,6 +169,7 @@ def main() -> int:
         prepare_nanogpt(nanogpt, text, args.nanogpt_python)
     if args.only != "nanogpt":
         prepare_jaxgpt(ROOT, text, sys.executable)
+    cache = os.path.join(log_dir, "xla_cache") if args.compile_cache == "fresh" else args.compile_cache
     order = []
     for i in range(args.repeats):
         pair = ["nanogpt", "jaxgpt"] if i % 2 == 0 else ["jaxgpt", "nanogpt"]
@@ -167,7 +178,7 @@ def main() -> int:
         if prog == "nanogpt":
             r = run_nanogpt(nanogpt, args.nanogpt_python, log_dir, i, args.iters)
         else:
-            r = run_jaxgpt(ROOT, sys.executable, log_dir, i, args.iters, args.jaxgpt_overrides)
+            r = run_jaxgpt(ROOT, sys.executable, log_dir, i, args.iters, args.jaxgpt_overrides, cache)
         r.pop("_lines")
         print(json.dumps({"program": prog, "run": i, **r, "log_dir": log_dir}), flush=True)
     return 0

@@ -3,6 +3,10 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI's persistent compilation cache (jaxgpt/compile_cache.py) stays off in tests: an
+# in-process `main()` would switch it on for the whole pytest process and write to ~/.cache.
+# tests/test_compile_cache.py turns it on in subprocesses of its own.
+os.environ.setdefault("JAXGPT_COMPILE_CACHE", "off")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,9 +10,11 @@ import argparse
 import importlib
 import sys
 
+from jaxgpt import compile_cache
 from jaxgpt.errors import UserError
 
 COMMANDS = ("prepare", "train", "eval", "generate", "convert", "classify")
+COMPILING = ("train", "eval", "generate", "classify")  # the commands that compile JAX programs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
+        if args.command in COMPILING:
+            compile_cache.enable()  # later runs load their programs instead of compiling them
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
