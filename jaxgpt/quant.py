@@ -160,15 +160,15 @@ def quantized_model(model) -> bool:
 # - The int8 matrix goes through `optimization_barrier` with the activations, which makes it
 #   loop-variant: the conversion stays inside the decode step, next to its product.
 # - The product is taken a chunk of int8 rows at a time in a `fori_loop`: each chunk is
-#   converted into a float32 buffer that stays in the L2 cache and multiplied at once, so
-#   memory is read once, in int8. At one activation row the chunks are 64 KB: XLA:CPU runs a
-#   while loop's body on one thread, and a convert fusion much larger than that is split into
-#   partitions whose dispatch costs more than it saves there (8.5 against 3.4-3.9 billion
-#   weights/s, measured). Above one row they are 1 MB (the product is then the larger cost).
+#   converted into a float32 buffer and multiplied at once, so memory is read once, in int8.
+#   Chunks are 1 MB of int8. Measured on the GPT-2 124M shape's one-row decode products
+#   (scripts/bench_int8_forms.py): 11.2 ms per step's products at 1 MB, against 17-24 ms at
+#   256 KB-512 KB and 2-4 MB, and 16.7 ms for float32; at one row the decode takes the
+#   (out, in) layout for int8 weights (jaxgpt/kernels/cpu_decode.py).
 # - The per-output-channel scale multiplies the product's (few) outputs, not the weights.
 # README.md ("int8 weight-only quantization") has the measurements. Elsewhere (GPU/TPU) the plain form is used after
 # the barrier: their compilers fuse the conversion into the matmul's operand load.
-CHUNK_BYTES = {1: 1 << 16, "more": 1 << 20}  # int8 bytes per chunk, at one row and at more
+CHUNK_BYTES = 1 << 20  # int8 bytes per chunk
 CHUNK_MAX_ROWS = 16  # (in, out) products over more rows (prefill, scoring) convert whole matrices
 
 
@@ -176,15 +176,15 @@ def _chunked() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _chunk_rows(rows: int, row_bytes: int, n_rows: int) -> int:
-    """Rows of q per chunk for a product over `rows` activation rows."""
-    return max(1, min(n_rows, CHUNK_BYTES[1 if rows == 1 else "more"] // row_bytes))
+def _chunk_rows(row_bytes: int, n_rows: int) -> int:
+    """Rows of q per chunk: CHUNK_BYTES of its int8 rows."""
+    return max(1, min(n_rows, CHUNK_BYTES // row_bytes))
 
 
 def _out_in_product(q_OxI, x_IxB, dt):
     """q (out, in) int8 @ x (in, B) -> (out, B) float32, CHUNK_BYTES of q at a time."""
     O, I = q_OxI.shape
-    c = _chunk_rows(x_IxB.shape[1], I, O)
+    c = _chunk_rows(I, O)
     n = -(-O // c)
 
     def body(i, y_OxB):
@@ -200,7 +200,7 @@ def _in_out_product(x_BxI, q_IxO, dt):
     """x (B, in) @ q (in, out) int8 -> (B, out) float32, CHUNK_BYTES of q (rows of the
     contracted axis) at a time, accumulating."""
     I, O = q_IxO.shape
-    c = _chunk_rows(x_BxI.shape[0], O, I)
+    c = _chunk_rows(O, I)
     n = -(-I // c)
 
     def body(i, y_BxO):

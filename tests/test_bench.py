@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench_int8_forms  # noqa: E402
 import bench_matmul  # noqa: E402
 import bench_train  # noqa: E402
 
@@ -55,3 +56,27 @@ def test_host_blas_step_routes_every_linear_product_and_matches(host_gemm):
     assert sum(len(t) for t in host_gemm.calls.values()) == spec["n_layer"] * 12 + 3
     _, xla = bench_host_blas.build(spec, None)
     np.testing.assert_allclose(host["losses"], xla["losses"], rtol=1e-5)
+
+
+# ---------------------------------------------------------------- scripts/bench_int8_forms.py
+def test_every_int8_form_computes_the_same_chain():
+    # The forms differ only in how the int8 product is arranged: each must give the plainly
+    # dequantized chain (float rounding apart), or the benchmark compares different work.
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    L, D, V = 2, 64, 300  # 300 rows of 64 int8 bytes: several chunks at 4 KB
+    layers_f, head_f = bench_int8_forms.weights(L, D, V, jax.random.key(0))
+    layers_q = [[bench_int8_forms.quantized(w) for w in ws] for ws in layers_f]
+    head_q = bench_int8_forms.quantized(head_f)
+    x = jax.random.normal(jax.random.key(1), (D,))
+    deq = lambda q: q.q.astype(jnp.float32) * q.scale  # noqa: E731
+    want = np.asarray(bench_int8_forms.chain("float32", [[deq(q) for q in ws] for ws in layers_q], deq(head_q), x))
+    small = {k: (n, p, 4096, r) for k, (n, p, _, r) in bench_int8_forms.FORMS.items()}
+    for form in bench_int8_forms.ORDER[1:]:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(bench_int8_forms, "FORMS", small)
+            mp.setattr(bench_int8_forms.quant, "CHUNK_BYTES", 4096)
+            got = np.asarray(jax.jit(lambda ls, h, x, f=form: bench_int8_forms.chain(f, ls, h, x))(layers_q, head_q, x))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=form)
