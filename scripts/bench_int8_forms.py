@@ -59,6 +59,9 @@ def product(form, w, x_I):
     s = w.scale[:, 0]
     if form == "int8_quant_py":  # what jaxgpt/quant.py does
         return quant._out_in_product(q, x_I[:, None], jnp.float32)[:, 0] * s
+    if form == "int8_bf16_chunks":  # quant.py's form converting to bfloat16, a bfloat16 dot
+        y = quant._out_in_product(q, x_I[:, None].astype(jnp.bfloat16), jnp.bfloat16)
+        return y[:, 0] * s
     if form == "int8_plain":
         return (q.astype(jnp.float32) @ x_I[:, None])[:, 0] * s
     name, parts, chunk, reduce = FORMS[form]
@@ -77,7 +80,7 @@ FORMS = {
     "int8_4MB_chunks": ("4MB", 1, 1 << 22, "dot"),
     "int8_halves_1MB": ("halves", 2, 1 << 20, "dot"),
 }
-ORDER = ["float32", "int8_quant_py", "int8_plain", *FORMS]
+ORDER = ["float32", "int8_quant_py", "int8_bf16_chunks", "int8_plain", *FORMS]
 
 
 def chain(form, layers, head, x_D):

@@ -79,4 +79,5 @@ def test_every_int8_form_computes_the_same_chain():
             mp.setattr(bench_int8_forms, "FORMS", small)
             mp.setattr(bench_int8_forms.quant, "CHUNK_BYTES", 4096)
             got = np.asarray(jax.jit(lambda ls, h, x, f=form: bench_int8_forms.chain(f, ls, h, x))(layers_q, head_q, x))
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=form)
+        tol = 2e-2 if "bf16" in form else 1e-4  # bfloat16 activations: 8 bits of mantissa
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max(), err_msg=form)
