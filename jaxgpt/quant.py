@@ -163,7 +163,7 @@ def quantized_model(model) -> bool:
 #   converted into a float32 buffer and multiplied at once, so memory is read once, in int8.
 #   Chunks are 1 MB of int8. Measured on the GPT-2 124M shape's one-row decode products
 #   (scripts/bench_int8_forms.py): 11.2 ms per step's products at 1 MB, against 17-24 ms at
-#   256 KB-512 KB and 2-4 MB, and 16.7 ms for float32; at one row the decode takes the
+#   256 KB-512 KB and 2-4 MB, and 13.5-16.7 ms for float32; at one row the decode takes the
 #   (out, in) layout for int8 weights (jaxgpt/kernels/cpu_decode.py).
 # - The per-output-channel scale multiplies the product's (few) outputs, not the weights.
 # README.md ("int8 weight-only quantization") has the measurements. Elsewhere (GPU/TPU) the plain form is used after
