@@ -62,5 +62,9 @@ def enable(value: str | None = None) -> str | None:
         return None  # e.g. a read-only home: run without the cache
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
+    try:  # JAX caps the folder's size only with filelock (a dependency of ours); without it,
+        import filelock  # noqa: F401  # a cap makes every read warn and nothing is written
+    except ImportError:
+        return path
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path

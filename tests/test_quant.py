@@ -136,7 +136,9 @@ def test_quantized_val_loss_is_within_one_percent(trained):
 
     f = evaluate_checkpoint(trained)
     q = evaluate_checkpoint(trained, quantize="int8")
-    assert f["val_loss"] < 2.6, f  # trained: the byte-level uniform loss is ln(257) = 5.55
+    # trained: the byte-level uniform loss is ln(257) = 5.55. Not tighter: the corpus is
+    # jaxgpt's own source, so this figure moves a little with every commit.
+    assert f["val_loss"] < 3.0, f
     assert q["quantize"] == "int8" and "quantize" not in f
     assert abs(q["val_loss"] - f["val_loss"]) <= 0.01 * f["val_loss"], (f["val_loss"], q["val_loss"])
     assert q["val_loss"] != f["val_loss"]  # the int8 weights were really used
@@ -298,9 +300,16 @@ def test_cli_generate_and_eval_quantize(trained, capsys, monkeypatch):
                "--temperature", "0", "--json", "--quantize", "int8"])
     assert rc == 0 and _json_lines(capsys)[0]["completion"] == tok.decode(want[0])
     assert served == [True]
+    # The CLI's int8 eval against its float eval over the same batches. The model trains on
+    # jaxgpt's own source, so its absolute loss moves with every commit; the pair does not.
     rc = main(["eval", "--ckpt", trained, "--json", "--steps", "2", "--quantize", "int8"])
     row = _json_lines(capsys)[0]
-    assert rc == 0 and row["quantize"] == "int8" and row["val_loss"] < 2.6
+    assert rc == 0 and row["quantize"] == "int8"
+    assert main(["eval", "--ckpt", trained, "--json", "--steps", "2"]) == 0
+    f_row = _json_lines(capsys)[0]
+    assert "quantize" not in f_row and f_row["val_loss"] < 3.0  # trained (uniform: 5.55)
+    assert row["val_loss"] != f_row["val_loss"]
+    assert abs(row["val_loss"] - f_row["val_loss"]) <= 0.01 * f_row["val_loss"]
     assert quant.MODES == ("int8",)  # the CLI's --quantize choices (not imported there)
     for cmd in (["generate", "--prompt", "x"], ["eval"]):
         rc = main([cmd[0], "--ckpt", trained, *cmd[1:], "--quantize", "int4"])
