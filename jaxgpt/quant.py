@@ -24,7 +24,8 @@ Where dequantization happens:
   `model._linear`, `GPT.head` and the cpu decode kernel): the int8 matrix is converted to the
   compute dtype inside the product and the per-output-channel scale is applied to the product's
   output, (x @ q) * s, which is x @ (s * q) up to float rounding: a B x out multiply instead of
-  an in x out one.
+  an in x out one. On the CPU, decode's few-row products go to the int8 kernel
+  (jaxgpt/kernels/int8_matmul.cc; "products" below).
 - The embedding lookup gathers the B*T int8 rows it needs and dequantizes only those
   (`wte[tokens].astype(...)`): one int8 table serves both uses, no float copy is kept.
 - `astype(dtype)` of a QArray is its dequantized value s*q in that dtype. Code that casts a
@@ -43,20 +44,21 @@ mistook a block matrix for `wpe` when block_size == n_embd.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxgpt.errors import UserError
+from jaxgpt.kernels import int8 as int8_kernel
 
 MODES = ("int8",)
 BLOCK_MATRICES = ("w_qkv", "w_attn_out", "w_fc", "w_mlp_out")  # stacked (L, in, out)
 _QMAX = 127  # symmetric: -128 is never used
 
 
-@jax.tree_util.register_dataclass
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["q", "scale"], meta_fields=["kernel"])
 @dataclasses.dataclass(frozen=True)
 class QArray:
     """A weight stored as int8 values and float32 per-output-channel scales: W ~ scale * q.
@@ -64,9 +66,13 @@ class QArray:
     q: int8. scale: float32 with q's shape except the contracted (input) axis, which has size 1.
     Indexing applies to both (valid on every axis but the contracted one); `.T` swaps the two
     axes of a matrix; `astype(dtype)` is the dequantized value scale * q in dtype.
+    kernel: how CPU decode multiplies it (jaxgpt/kernels/int8.py: auto | xla | kernel |
+    generic). Static pytree metadata, so a model quantized for another path compiles its own
+    programs instead of reusing a cached one.
     """
     q: jax.Array
     scale: jax.Array
+    kernel: str = "auto"
 
     @property
     def shape(self) -> tuple:
@@ -82,12 +88,12 @@ class QArray:
 
     @property
     def T(self) -> "QArray":  # noqa: N802 (array convention)
-        return QArray(self.q.T, self.scale.T)
+        return QArray(self.q.T, self.scale.T, self.kernel)
 
     def __getitem__(self, idx) -> "QArray":
         if idx is Ellipsis:
             return self
-        return QArray(self.q[idx], self.scale[idx])
+        return QArray(self.q[idx], self.scale[idx], self.kernel)
 
     def astype(self, dtype) -> jax.Array:
         return (self.q.astype(jnp.float32) * self.scale).astype(dtype)
@@ -103,7 +109,7 @@ def check_mode(mode) -> None:
         raise UserError(f"unknown quantize mode {mode!r} (choose from: {', '.join(MODES)})")
 
 
-@partial(jax.jit, static_argnums=1)
+@functools.partial(jax.jit, static_argnums=1)
 def quantize(w, axis: int) -> QArray:
     """Symmetric int8 quantization of w with one scale per slice along `axis` (the contracted
     axis): s = max|w| / 127 over that axis, q = round(w / s). An all-zero channel gets s = 1."""
@@ -114,22 +120,24 @@ def quantize(w, axis: int) -> QArray:
     return QArray(q, scale)
 
 
-def quantize_model(model, mode: str = "int8"):
+def quantize_model(model, mode: str = "int8", kernel: str | None = None):
     """A copy of `model` whose block matrices and tied embedding/LM head are QArrays.
 
     The other parameters are shared with `model` (not copied); `model` itself is unchanged.
     Quantizing an already quantized model leaves its quantized weights as they are.
+    kernel: the CPU decode product (jaxgpt/kernels/int8.py); default JAXGPT_INT8_KERNEL, auto.
     """
     check_mode(mode)
     if mode is None:
         return model
+    kernel = int8_kernel.check_choice(kernel)
     graphdef, state = nnx.split(model)
     flat = []
     for path, var in nnx.to_flat_state(state):
         value = var.get_value()
         axis = _contracted_axis(path)
         if axis is not None and not isinstance(value, QArray):
-            var = var.replace(quantize(value, axis))
+            var = var.replace(dataclasses.replace(quantize(value, axis), kernel=kernel))
         flat.append((path, var))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -166,8 +174,13 @@ def quantized_model(model) -> bool:
 #   256 KB-512 KB and 2-4 MB, and 13.5-16.7 ms for float32; at one row the decode takes the
 #   (out, in) layout for int8 weights (jaxgpt/kernels/cpu_decode.py).
 # - The per-output-channel scale multiplies the product's (few) outputs, not the weights.
-# README.md ("int8 weight-only quantization") has the measurements. Elsewhere (GPU/TPU) the plain form is used after
-# the barrier: their compilers fuse the conversion into the matmul's operand load.
+# That is the reference path, and the fallback. On the CPU, products over 1 to CHUNK_MAX_ROWS
+# rows against (out, in) int8 weights (the cpu decode backend's layout; speculative
+# verification's few rows) go to jaxgpt/kernels/int8_matmul.cc instead, which widens int8 in
+# registers and reads memory once at ~2x the speed of the best XLA form (each QArray's `kernel`
+# field chooses; jaxgpt/kernels/int8.py). README.md ("int8 weight-only quantization") has the
+# measurements. Elsewhere (GPU/TPU) the plain form is used after the barrier: their compilers
+# fuse the conversion into the matmul's operand load.
 CHUNK_BYTES = 1 << 20  # int8 bytes per chunk
 CHUNK_MAX_ROWS = 16  # (in, out) products over more rows (prefill, scoring) convert whole matrices
 
@@ -229,6 +242,11 @@ def matmul(x_xI, w_IxO: QArray, dt, out_dtype=None):
 
 def matmul_T(w_OxI: QArray, x_IxB, dt, out_dtype=None):  # noqa: N802
     """W @ x for a quantized weight stored (out, in) (scale (out, 1)), activations (in, B)."""
+    if _chunked() and x_IxB.shape[1] <= CHUNK_MAX_ROWS and int8_kernel.use_kernel(w_OxI.kernel):
+        # jaxgpt/kernels/int8_matmul.cc: reads q once, widening it in registers (no barrier:
+        # XLA has no float copy of q to hoist).
+        y = int8_kernel.matmul_out_in(w_OxI.q, w_OxI.scale, x_IxB.astype(dt), w_OxI.kernel)
+        return y.astype(out_dtype or dt)
     q, x_IxB = jax.lax.optimization_barrier((w_OxI.q, x_IxB.astype(dt)))
     if _chunked():
         y = _out_in_product(q, x_IxB, dt)

@@ -1,5 +1,5 @@
 """Forms of the one-row int8 weight product on XLA:CPU, against float32: which one reads int8
-fastest. One JSON line per form.
+fastest, and the int8 kernel (jaxgpt/kernels/int8_matmul.cc) beside them. One JSON line per form.
 
     PYTHONPATH=. python scripts/bench_int8_forms.py            # the GPT-2 124M shape
     PYTHONPATH=. python scripts/bench_int8_forms.py --quick    # 2 small layers, a smoke run
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt import quant
+from jaxgpt.kernels import int8 as int8_kernel
 
 SHAPES = {"124m": (12, 768, 50304), "quick": (2, 128, 1024)}  # layers, D, vocab
 
@@ -55,9 +56,11 @@ def product(form, w, x_I):
     """One (out, in) product at one row, in the given form. w: float32 array or QArray."""
     if form == "float32":  # as the `cpu` backend's decode: (out, in) @ (in, 1), not a matvec
         return (w @ x_I[:, None])[:, 0]
+    if form == "int8_kernel":  # jaxgpt/kernels/int8_matmul.cc, what the cpu decode calls
+        return int8_kernel.matmul_out_in(w.q, w.scale, x_I[:, None])[:, 0]
     q, x_I = jax.lax.optimization_barrier((w.q, x_I))  # keep the conversion inside the step
     s = w.scale[:, 0]
-    if form == "int8_quant_py":  # what jaxgpt/quant.py does
+    if form == "int8_quant_py":  # what jaxgpt/quant.py does without the kernel
         return quant._out_in_product(q, x_I[:, None], jnp.float32)[:, 0] * s
     if form == "int8_bf16_chunks":  # quant.py's form converting to bfloat16, a bfloat16 dot
         y = quant._out_in_product(q, x_I[:, None].astype(jnp.bfloat16), jnp.bfloat16)
@@ -80,7 +83,7 @@ FORMS = {
     "int8_4MB_chunks": ("4MB", 1, 1 << 22, "dot"),
     "int8_halves_1MB": ("halves", 2, 1 << 20, "dot"),
 }
-ORDER = ["float32", "int8_quant_py", "int8_bf16_chunks", "int8_plain", *FORMS]
+ORDER = ["float32", "int8_kernel", "int8_quant_py", "int8_bf16_chunks", "int8_plain", *FORMS]
 
 
 def chain(form, layers, head, x_D):

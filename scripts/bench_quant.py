@@ -20,7 +20,10 @@ JSON line per (model, batch):
     row, wall), decode_cpu_ms (process CPU time per step: all threads; steadier than wall under
     load), weight_bytes_per_step (the arrays the decode loop reads: `decode_weights`, every
     matrix, bias, LayerNorm and the head; int8 matrices count their scales).
-  speedup: int8 over float32 tokens/s; step_speedup: decode_step_ms ratio; bytes_ratio.
+  int8_xla: the same int8 weights multiplied by XLA's own chunked products instead of the
+    int8 kernel (jaxgpt/kernels/int8.py); int8_kernel says whether `int8` ran the kernel.
+  speedup: int8 over float32 tokens/s; step_speedup: decode_step_ms ratio; bytes_ratio;
+    speedup_xla / step_speedup_xla: the same for int8_xla.
   greedy_match: tokens equal to float32's from the start (min over rows; random weights give
     near-tied logits, so int8 may pick another token early).
   loadavg: the 1-minute load average before and after the pair of runs (2 cores here).
@@ -72,6 +75,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per variant (best is kept)")
     ap.add_argument("--chunk", type=int, default=32)
+    ap.add_argument("--no-xla", dest="xla", action="store_false",
+                    help="leave out int8_xla (int8 through XLA's own products, not the kernel)")
     ap.add_argument("--quick", action="store_true", help="6L/384, B=1, 16 tokens: a smoke run")
     ap.add_argument("--quality", nargs="+", metavar="CKPT", help="val loss, float32 vs int8, of these runs")
     args = ap.parse_args()
@@ -91,7 +96,9 @@ def main():
     for name in args.model:
         cfg = ModelConfig(**dict(MODELS[name], vocab_size=50304))
         models = {"float32": create_model(cfg, seed=0)}
-        models["int8"] = quant.quantize_model(models["float32"])
+        models["int8"] = quant.quantize_model(models["float32"])  # the kernel when it is built
+        if args.xla:
+            models["int8_xla"] = quant.quantize_model(models["float32"], kernel="xla")
         for B in args.batch:
             prompts = rng.randint(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
             nbytes = {k: quant.weight_bytes(decode_weights(*nnx.split(m), B)) for k, m in models.items()}
@@ -111,6 +118,10 @@ def main():
             rec["step_speedup"] = round(f["decode_step_ms"] / q["decode_step_ms"], 2)
             rec["cpu_step_speedup"] = round(f["decode_cpu_ms"] / q["decode_cpu_ms"], 2)
             rec["bytes_ratio"] = round(f["weight_bytes_per_step"] / q["weight_bytes_per_step"], 2)
+            if "int8_xla" in rec:
+                rec["int8_kernel"] = quant.int8_kernel.use_kernel("auto")
+                rec["speedup_xla"] = round(rec["int8_xla"]["tokens_per_s"] / f["tokens_per_s"], 2)
+                rec["step_speedup_xla"] = round(f["decode_step_ms"] / rec["int8_xla"]["decode_step_ms"], 2)
             rec["greedy_match"] = min(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
                                       for x, y in zip(outs["float32"], outs["int8"]))
             rec["loadavg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]

@@ -13,8 +13,10 @@ and the generation tests compare them) with three CPU-specific choices, measured
   x (B, in) @ W (in, out). The activations stay transposed through the whole block: asking for
   a (B, out) result makes XLA choose the slow form again. (At one row the 6-layer model ran
   slower this way, so one row keeps the (B, in) form.) int8 weights take the transposed form at
-  one row too: chunks of (out, in) rows multiply as W @ x, while chunks of an (in, out) matrix
-  must be accumulated; measured on GPT-2 124M at one row, 12.5-12.8 against 17.4-21.1 ms per step.
+  one row too: it is the layout the int8 kernel (int8_matmul.cc) reads, one contiguous int8
+  row per output; and in XLA's chunked fallback, chunks of (out, in) rows multiply as W @ x,
+  while chunks of an (in, out) matrix must be accumulated (GPT-2 124M at one row, 12.5-12.8
+  against 17.4-21.1 ms per step).
 - The LM head: at one row against a (D, Vp) copy of the tied embedding (XLA:CPU runs the (Vp, D)
   table read along its rows at ~2/3 of the speed); above one row as (Vp, D) @ (D, B) with the
   greedy argmax reduced over V in that (V, B) layout (1.6x faster at 8 rows).
