@@ -59,6 +59,7 @@ def test_host_blas_step_routes_every_linear_product_and_matches(host_gemm):
 
 
 # ---------------------------------------------------------------- scripts/bench_int8_forms.py
+@pytest.mark.slow  # ~14 s; tests/test_int8_kernel.py is the fast check of the kernel form
 def test_every_int8_form_computes_the_same_chain():
     # The forms differ only in how the int8 product is arranged: each must give the plainly
     # dequantized chain (float rounding apart), or the benchmark compares different work.
