@@ -10,7 +10,8 @@ so does the CLI here (library calls leave JAX's settings alone).
     JAXGPT_COMPILE_CACHE=/path  that folder
     JAXGPT_COMPILE_CACHE=off    no cache
 
-JAX's own JAX_COMPILATION_CACHE_DIR, when set, wins. The cache is keyed by the program, the jax
+JAX's own JAX_COMPILATION_CACHE_DIR (and JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS), when set,
+wins. The cache is keyed by the program, the jax
 and XLA versions, the backend and its flags, so a stale entry is never used; it is capped at
 MAX_BYTES (least recently used entries go first). A folder that cannot be created or written
 costs the cache, never the run: JAX then only warns.
@@ -61,7 +62,8 @@ def enable(value: str | None = None) -> str | None:
     except OSError:
         return None  # e.g. a read-only home: run without the cache
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own setting wins
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
     try:  # JAX caps the folder's size only with filelock (a dependency of ours); without it,
         import filelock  # noqa: F401  # a cap makes every read warn and nothing is written
     except ImportError:

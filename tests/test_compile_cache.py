@@ -30,7 +30,11 @@ def test_the_setting_names_a_folder_or_off(tmp_path, monkeypatch):
 
 
 def _train(data, out, cache):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAXGPT_COMPILE_CACHE=str(cache))
+    # Every program is written, however fast it compiled: with a time threshold, a program
+    # that compiled just under it in one run and just over it in the next (a loaded machine)
+    # would appear as a new entry.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAXGPT_COMPILE_CACHE=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return subprocess.run([sys.executable, "-m", "jaxgpt", "train", f"data={data}", f"out={out}", *TRAIN],
                           env=env, capture_output=True, text=True, timeout=300)
