@@ -103,33 +103,27 @@ bool HasAvx512() {
 using RowFn = void (*)(const int8_t*, const float*, const float*, float*, int64_t, int64_t,
                        int64_t, int64_t);
 
+template <bool kAvx512, int NB, int U>
+RowFn Row() {
+#ifdef JAXGPT_X86
+  if constexpr (kAvx512) return &RowAvx512<NB, U>;
+#endif
+  return &RowGeneric<NB, U>;
+}
+
 // Unrolled so that each pass has >= 4 independent accumulator chains (the FMA latency), a
 // 64-byte cache line of weights per step at one row of x.
 template <bool kAvx512>
 RowFn Pick(int64_t nb) {
-#ifdef JAXGPT_X86
-  if (kAvx512) {
-    switch (nb) {
-      case 1: return &RowAvx512<1, 4>;
-      case 2: return &RowAvx512<2, 2>;
-      case 3: return &RowAvx512<3, 2>;
-      case 4: return &RowAvx512<4, 1>;
-      case 5: return &RowAvx512<5, 1>;
-      case 6: return &RowAvx512<6, 1>;
-      case 7: return &RowAvx512<7, 1>;
-      default: return &RowAvx512<8, 1>;
-    }
-  }
-#endif
   switch (nb) {
-    case 1: return &RowGeneric<1, 4>;
-    case 2: return &RowGeneric<2, 2>;
-    case 3: return &RowGeneric<3, 2>;
-    case 4: return &RowGeneric<4, 1>;
-    case 5: return &RowGeneric<5, 1>;
-    case 6: return &RowGeneric<6, 1>;
-    case 7: return &RowGeneric<7, 1>;
-    default: return &RowGeneric<8, 1>;
+    case 1: return Row<kAvx512, 1, 4>();
+    case 2: return Row<kAvx512, 2, 2>();
+    case 3: return Row<kAvx512, 3, 2>();
+    case 4: return Row<kAvx512, 4, 1>();
+    case 5: return Row<kAvx512, 5, 1>();
+    case 6: return Row<kAvx512, 6, 1>();
+    case 7: return Row<kAvx512, 7, 1>();
+    default: return Row<kAvx512, 8, 1>();
   }
 }
 
