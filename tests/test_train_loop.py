@@ -64,6 +64,23 @@ def test_resume_equals_uninterrupted_bit_for_bit(data_dir, ref8, tmp_path, monke
     assert os.path.exists(os.path.join(a, "loss.png"))
 
 
+def test_each_row_logs_the_lr_its_step_applied(ref8):
+    # Row `step` s reports the lr of the update that made step s (the optimizer's count s - 1):
+    # warmup 0 -> lr over warmup_steps, then cosine to min_lr at decay_steps, as nanoGPT.
+    cfg = tiny("", "")
+    rows = [json.loads(l) for l in open(os.path.join(ref8, "metrics.jsonl"))]
+    logged = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    assert sorted(logged) == [2, 4, 6, 8]
+    for step, lr in logged.items():
+        t = step - 1
+        if t < cfg.warmup_steps:
+            want = cfg.lr * t / cfg.warmup_steps
+        else:
+            frac = (t - cfg.warmup_steps) / (cfg.decay_steps - cfg.warmup_steps)
+            want = cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + np.cos(np.pi * frac))
+        assert lr == pytest.approx(want, rel=1e-6), step
+
+
 def test_the_run_ends_with_loss_png_drawn_from_every_row(data_dir, tmp_path, monkeypatch):
     """Evals redraw loss.png at most every 30 s (tests/test_metrics.py); the end of the run
     always draws it from every row, the last log rows included."""
