@@ -33,6 +33,7 @@ ENV = "JAXGPT_INT8_KERNEL"
 CHOICES = ("auto", "xla", "kernel", "generic")
 TARGET = "jaxgpt_int8_matmul"
 _HERE = os.path.dirname(os.path.abspath(__file__))
+_REBUILD = "reinstall with a C++17 compiler: pip install -e ."
 
 
 def library_path() -> str | None:
@@ -64,8 +65,7 @@ def check_choice(value: str | None = None) -> str:
     if v not in CHOICES:
         raise UserError(f"unknown int8 kernel {v!r} ({ENV}; choose from {', '.join(CHOICES)})")
     if v in ("kernel", "generic") and not available():
-        raise UserError(f"int8 kernel {v!r}: it was not built (reinstall with a C++17 compiler: "
-                        "pip install -e .)")
+        raise UserError(f"int8 kernel {v!r}: it was not built ({_REBUILD})")
     return v
 
 
@@ -84,7 +84,7 @@ def matmul_out_in(q_OxI, scale_Ox1, x_IxB, choice: str = "auto"):
 
     The kernel reads x as (B, I) rows; that transpose is of the few activations, not weights."""
     if not available():  # also registers the target with JAX, on first use
-        raise UserError("the int8 kernel was not built (reinstall with a C++17 compiler: pip install -e .)")
+        raise UserError(f"the int8 kernel was not built ({_REBUILD})")
     O, B = q_OxI.shape[0], x_IxB.shape[1]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((O, B), jnp.float32),
                             vmap_method="sequential")
